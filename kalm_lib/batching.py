@@ -1,0 +1,71 @@
+"""Task-homogeneous batches: every global batch comes from one derived set.
+
+The whole plan (which set, which rows, for every step) is a pure function of the set sizes, batch
+size, step count and seed, so a resumed run replays exactly the batches an uninterrupted run sees,
+and several processes split each global batch into equal contiguous shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .data_cards import DataCard
+
+
+def format_query(text: str, instruction: str) -> str:
+    """KaLM input format for instructed texts: ``Instruct: {instruction} \\n Query: {text}``."""
+    return f"Instruct: {instruction} \n Query: {text}" if instruction else text
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Texts of one (local) batch, ready for the encoder."""
+
+    source: str
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str]
+    negatives_per_query: int
+    in_batch_negatives: bool
+
+
+def batch_plan(sizes: dict[str, int], batch_size: int, steps: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """(set name, row indices) for each step; sets drawn in proportion to their size, epochs cycle."""
+    usable = {name: size for name, size in sizes.items() if size >= batch_size}
+    if not usable:
+        raise ValueError(f"batch_size {batch_size} exceeds every training set ({sizes})")
+    rng = np.random.default_rng(seed)
+    plan: list[tuple[str, np.ndarray]] = []
+    while len(plan) < steps:
+        epoch = []
+        for name in sorted(usable):
+            order = rng.permutation(usable[name])
+            epoch += [(name, order[i : i + batch_size]) for i in range(0, usable[name] - batch_size + 1, batch_size)]
+        plan += [epoch[i] for i in rng.permutation(len(epoch))]
+    return plan[:steps]
+
+
+def negatives_per_query(frame: pd.DataFrame, wanted: int) -> int:
+    """Hard negatives every row of the set can provide, capped at ``wanted``."""
+    counts = frame["negatives"].map(len)
+    return int(min(wanted, counts.min())) if len(counts) else 0
+
+
+def make_batch(frame: pd.DataFrame, card: DataCard, rows: np.ndarray, n_neg: int, rank: int, world_size: int) -> Batch:
+    """This process's shard of a global batch, with instructions applied."""
+    if len(rows) % world_size:
+        raise ValueError(f"batch size {len(rows)} is not divisible by {world_size} processes")
+    shard = len(rows) // world_size
+    part = frame.iloc[rows[rank * shard : (rank + 1) * shard]]
+    doc_instruction = card.instruction if card.symmetric else ""
+    return Batch(
+        source=card.name,
+        queries=[format_query(t, card.instruction) for t in part["query"]],
+        positives=[format_query(t, doc_instruction) for t in part["positive"]],
+        negatives=[format_query(n, doc_instruction) for negs in part["negatives"] for n in list(negs)[:n_neg]],
+        negatives_per_query=n_neg,
+        in_batch_negatives=card.in_batch_negatives,
+    )

@@ -1,0 +1,203 @@
+"""Run configuration: typed dataclasses filled from a profile YAML plus dotted overrides.
+
+A profile (``kalm_lib/profiles/<name>.yaml``) names every knob of the study. Notebooks receive the
+profile name and a dict of dotted overrides (``{"finetune.focal_gamma": 0.0}``) from papermill;
+unknown profiles, sections or fields stop with an error that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A profile, override or parameter is unknown or has the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Curation: which data cards to read and how much of each derived set to keep."""
+
+    cards_dir: str = "data_cards"
+    eval_word_fraction: float = 0.1
+    max_stage1_pairs_per_source: int = 20000
+    max_stage2_per_source: int = 4000
+    min_chars: int = 2
+    max_chars: int = 400
+    near_dup_threshold: float = 0.85
+    eval_retrieval_queries: int = 500
+    eval_pairs: int = 600
+    eval_clusters: int = 40
+    hard_negatives: int = 3
+    hard_negative_rank_min: int = 10
+    hard_negative_rank_max: int = 50
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: name or path, pooling, attention switch and numerics."""
+
+    name_or_path: str = PACKAGED_MINILM
+    pooling: str = "mean"
+    bidirectional: bool = True
+    attn_implementation: str = "sdpa"
+    max_length: int = 64
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    random_init: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One contrastive stage (pre-training or fine-tuning)."""
+
+    enabled: bool = True
+    steps: int = 100
+    batch_size: int = 32
+    mini_batch_size: int = 0
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    temperature: float = 0.05
+    focal_gamma: float = 0.0
+    hard_negative_mixing: bool = False
+    mixing_top_k: int = 4
+    mixing_pairs: int = 2
+    mixing_query: int = 1
+    mixing_query_beta_max: float = 0.5
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Stage 3: which soups to build from the stage-2 checkpoints."""
+
+    methods: list[str] = field(default_factory=lambda: ["uniform", "greedy"])
+    selection_task: str = "KalmDefinitionRetrieval"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """MTEB evaluation: local offline tasks and, on hub-connected hosts, standard ones."""
+
+    local_tasks: list[str] = field(
+        default_factory=lambda: [
+            "KalmDefinitionRetrieval",
+            "KalmSynonymAntonymPairClassification",
+            "KalmSynsetClustering",
+        ]
+    )
+    standard_tasks: list[str] = field(default_factory=list)
+    benchmark: str = ""
+    batch_size: int = 128
+    matryoshka_dims: list[int] = field(default_factory=list)
+    quantizations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything one run of the notebook series needs."""
+
+    name: str
+    seed: int = 42
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    soup: SoupConfig = field(default_factory=SoupConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, for manifests and YAML."""
+        return dataclasses.asdict(self)
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in ``kalm_lib/profiles``."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(name_or_path: str) -> Path:
+    """Resolve a profile name (``cpu``) or a YAML path to a file, or fail naming the choices."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.is_file():
+            raise ConfigError(f"profile file not found: {candidate}")
+        return candidate
+    path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}"
+        )
+    return path
+
+
+def load_profile(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Profile:
+    """Read a profile YAML, apply dotted overrides and return a validated :class:`Profile`."""
+    path = profile_path(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return _build(Profile, raw, where=str(path))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b] = value`` for the key ``"a.b"``."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {key} must be a mapping")
+            kwargs[key] = _build(hint, value, where=f"{where}:{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}:{cls.__name__}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint, allowing int where float is expected."""
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if origin in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not isinstance(value, origin):
+        raise ConfigError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    return value

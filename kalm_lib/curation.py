@@ -1,0 +1,213 @@
+"""Data curation: normalise, filter, de-duplicate and decontaminate derived sets, then write shards.
+
+Order for every training set: normalise text -> length filter -> exact de-duplication -> drop
+examples touching held-out evaluation words or texts (contamination) -> near-duplicate removal
+(MinHash LSH over ``query || positive``) -> cap to the profile's size. Each step's row count goes
+into the curation summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from datasketch import MinHash, MinHashLSH
+from tqdm.auto import tqdm
+
+from .builders import EVAL_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
+from .config import DataConfig
+from .data_cards import DataCard, DataCardError, load_cards, write_card
+from .sources import load_source
+
+_SPACE = re.compile(r"\s+")
+_EVAL_SIZE = {
+    "definition_retrieval_task": "eval_retrieval_queries",
+    "synonym_antonym_task": "eval_pairs",
+    "synset_clustering_task": "eval_clusters",
+}
+
+
+def normalise(text: str) -> str:
+    """NFKC, collapse white space, strip."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", str(text))).strip()
+
+
+def length_filter(frame: pd.DataFrame, min_chars: int, max_chars: int) -> pd.DataFrame:
+    """Keep rows whose query and positive lengths lie in [min_chars, max_chars]."""
+    keep = np.ones(len(frame), dtype=bool)
+    for column in ("query", "positive"):
+        lengths = frame[column].str.len()
+        keep &= (lengths >= min_chars).to_numpy() & (lengths <= max_chars).to_numpy()
+    return frame[keep]
+
+
+def exact_dedup(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows with the same case-folded (query, positive)."""
+    key = frame["query"].str.casefold() + "\x1f" + frame["positive"].str.casefold()
+    return frame[~key.duplicated()]
+
+
+def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: frozenset[str]) -> pd.DataFrame:
+    """Drop rows that touch a held-out word or repeat a held-out text as query or positive."""
+    touches_word = frame["words"].map(lambda words: any(w in eval_words for w in words))
+    repeats_text = frame["query"].isin(eval_texts) | frame["positive"].isin(eval_texts)
+    negative_hit = frame["negatives"].map(lambda negs: any(n in eval_texts for n in negs))
+    return frame[~(touches_word | repeats_text | negative_hit)]
+
+
+def _minhash(text: str, num_perm: int) -> MinHash:
+    """MinHash of a text's word 3-shingles (word unigrams for very short texts)."""
+    tokens = text.casefold().split()
+    shingles = {" ".join(tokens[i : i + 3]) for i in range(max(1, len(tokens) - 2))}
+    signature = MinHash(num_perm=num_perm)
+    signature.update_batch([s.encode() for s in shingles])
+    return signature
+
+
+def near_dedup(frame: pd.DataFrame, threshold: float, num_perm: int = 64) -> pd.DataFrame:
+    """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    keep = []
+    texts = (frame["query"] + " || " + frame["positive"]).tolist()
+    for index, text in enumerate(tqdm(texts, desc="near-dedup", leave=False, mininterval=5)):
+        signature = _minhash(text, num_perm)
+        if lsh.query(signature):
+            continue
+        lsh.insert(str(index), signature)
+        keep.append(index)
+    return frame.iloc[keep]
+
+
+@dataclass
+class CurationResult:
+    """Curated training sets, evaluation payloads and the per-step summary."""
+
+    train: dict[str, pd.DataFrame] = field(default_factory=dict)
+    evals: dict[str, EvalTask] = field(default_factory=dict)
+    summary: list[dict] = field(default_factory=list)
+    cards: dict[str, DataCard] = field(default_factory=dict)
+    sources: Sources = field(default_factory=dict)
+
+
+def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
+    """Load and normalise every needed source card."""
+    sources = {}
+    for name in sorted(needed):
+        card = cards[name]
+        if card.kind != "source":
+            raise DataCardError(f"{card.path}: {name!r} is used as an input but is a {card.kind} card")
+        frame = load_source(card)
+        for column in frame.columns[frame.dtypes == object]:
+            frame[column] = frame[column].map(normalise)
+        sources[name] = frame
+    return sources
+
+
+def curate(cfg: DataConfig, seed: int, cards_dir: Path) -> CurationResult:
+    """Run the whole curation for the offline derived cards under ``cards_dir``."""
+    cards = load_cards(cards_dir)
+    derived = {n: c for n, c in cards.items() if c.kind == "derived" and c.builder in {**TRAIN_BUILDERS, **EVAL_BUILDERS}}
+    if not derived:
+        raise DataCardError(f"{cards_dir}: no derived cards with a known builder")
+    for card in derived.values():
+        if card.builder not in TRAIN_BUILDERS and card.builder not in EVAL_BUILDERS:
+            raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown")
+    sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs})
+    rng = np.random.default_rng(seed)
+    result = CurationResult(cards=derived, sources=sources)
+    splits = {
+        "test": lambda word: is_held_out(word, cfg.eval_word_fraction, seed),
+        "validation": lambda word: is_held_out(word, cfg.eval_word_fraction, seed + 1)
+        and not is_held_out(word, cfg.eval_word_fraction, seed),
+    }
+    for name, card in derived.items():
+        if card.stage == "eval":
+            if card.split not in splits:
+                raise DataCardError(f"{card.path}: field 'split' of an eval card must be one of {sorted(splits)}")
+            size = getattr(cfg, _EVAL_SIZE[card.builder])
+            task = EVAL_BUILDERS[card.builder](sources, splits[card.split], size, rng, card.instruction)
+            if not task.words:
+                raise DataCardError(f"{card.path}: evaluation set {name!r} came out empty")
+            result.evals[name] = task
+    eval_words = frozenset().union(*(t.words for t in result.evals.values()))
+    eval_texts = frozenset().union(*(t.texts for t in result.evals.values()))
+    for name, card in derived.items():
+        if card.stage != "eval":
+            cap = cfg.max_stage1_pairs_per_source if card.stage == "pretrain" else cfg.max_stage2_per_source
+            result.train[name] = _curate_train(card, sources, cfg, cap, rng, eval_words, eval_texts, result.summary)
+    return result
+
+
+def _curate_train(
+    card: DataCard,
+    sources: Sources,
+    cfg: DataConfig,
+    cap: int,
+    rng: np.random.Generator,
+    eval_words: frozenset[str],
+    eval_texts: frozenset[str],
+    summary: list[dict],
+) -> pd.DataFrame:
+    """Apply the filter chain to one training set, logging counts into ``summary``."""
+    frame = TRAIN_BUILDERS[card.builder](sources)
+    counts = {"set": card.name, "stage": card.stage, "built": len(frame)}
+    frame = length_filter(frame, cfg.min_chars, cfg.max_chars)
+    counts["after_length"] = len(frame)
+    frame = exact_dedup(frame)
+    counts["after_exact_dedup"] = len(frame)
+    frame = decontaminate(frame, eval_words, eval_texts)
+    counts["after_decontamination"] = len(frame)
+    frame = frame.iloc[rng.permutation(len(frame))[: 2 * cap]]
+    frame = near_dedup(frame, cfg.near_dup_threshold)
+    counts["after_near_dedup_of_pool"] = len(frame)
+    frame = frame.iloc[:cap].reset_index(drop=True)
+    counts["kept"] = len(frame)
+    if frame.empty:
+        raise DataCardError(f"{card.path}: derived set {card.name!r} is empty after curation")
+    summary.append(counts)
+    return frame
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_curated(result: CurationResult, data_dir: Path) -> pd.DataFrame:
+    """Write shards (parquet), eval payloads (JSON), filled cards and the summary table."""
+    for name, frame in result.train.items():
+        card = result.cards[name]
+        path = data_dir / card.stage / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path, index=False)
+        write_card(card.filled(size=len(frame), sha256=_sha256(path), file=str(path.relative_to(data_dir))), data_dir / "cards" / f"{name}.yaml")
+    for name, task in result.evals.items():
+        card = result.cards[name]
+        path = data_dir / ("validation" if card.split == "validation" else "eval") / card.extra["eval_file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(task.payload, ensure_ascii=False, indent=1))
+        write_card(card.filled(size=len(task.words), sha256=_sha256(path), file=str(path.relative_to(data_dir))), data_dir / "cards" / f"{name}.yaml")
+    summary = pd.DataFrame(result.summary)
+    summary.to_csv(data_dir / "curation_summary.csv", index=False)
+    return summary
+
+
+def load_train_sets(data_dir: Path, stage: str) -> dict[str, tuple[pd.DataFrame, DataCard]]:
+    """Read back the curated shards and filled cards of one stage."""
+    cards = load_cards(data_dir / "cards")
+    sets = {}
+    for name, card in cards.items():
+        if card.stage == stage:
+            frame = pd.read_parquet(data_dir / card.extra["file"])
+            if frame.empty:
+                raise DataCardError(f"{card.path}: shard {card.extra['file']} is empty")
+            sets[name] = (frame, card)
+    if not sets:
+        raise DataCardError(f"{data_dir}: no curated {stage} sets; run 00_data_curation first")
+    return sets

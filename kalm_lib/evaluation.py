@@ -1,0 +1,301 @@
+"""Run kalm-study encoders through mteb and turn mteb results into tidy tables.
+
+Any object with ``encode(texts: list[str], batch_size: int) -> np.ndarray`` (L2-normalised float32
+rows) can be evaluated: :class:`KalmMtebModel` adapts it to mteb's encoder protocol and adds the
+KaLM instruction format, and :func:`evaluate_model` runs ``mteb.evaluate`` with results saved in
+mteb's own result-folder layout (``<output_folder>/results/<org>__<name>/<revision>/<Task>.json``).
+
+Compressed-embedding variants (beyond the paper) are encoder wrappers with the same ``encode``, so
+they run through the same mteb path: :class:`TruncatedEncoder` (Matryoshka prefix) and
+:class:`QuantizedEncoder` (int8 or binary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+
+import mteb
+import numpy as np
+import pandas as pd
+from mteb import AbsTask, ResultCache, TaskMetadata, TaskResult
+from mteb.models import ModelMeta
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.types import PromptType
+
+from .mteb_tasks import find_task_metadata, task_instruction
+
+if TYPE_CHECKING:
+    from mteb.types import BatchedInput
+    from torch.utils.data import DataLoader
+
+MODEL_ORG = "kalm-study"
+QUERY_TEMPLATE = "Instruct: {instruction} \n Query: {text}"
+MTEB_DEFAULT_BATCH_SIZE = 32
+TIDY_COLUMNS = ["model", "task", "task_type", "split", "subset", "metric", "score", "is_main"]
+
+Quantization = Literal["int8", "binary"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+
+
+class TextEncoder(Protocol):
+    """What the evaluation needs from an encoder."""
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """L2-normalised float32 embeddings [len(texts), dim]."""
+        ...
+
+
+# --- instruction format and the mteb model wrapper ---------------------------------------------
+
+
+def format_instructed(instruction: str, text: str) -> str:
+    """KaLM's instructed input; an empty instruction leaves the text as it is."""
+    return QUERY_TEMPLATE.format(instruction=instruction, text=text) if instruction else text
+
+
+def kalm_model_meta(model_name: str, revision: str = "local") -> ModelMeta:
+    """mteb ModelMeta for a kalm-study model; a bare run name is put under ``kalm-study/``."""
+    name = model_name if "/" in model_name else f"{MODEL_ORG}/{model_name}"
+    return ModelMeta(
+        loader=None,
+        name=name,
+        revision=revision,
+        release_date=None,
+        languages=["eng-Latn"],
+        n_parameters=None,
+        memory_usage_mb=None,
+        max_tokens=None,
+        embed_dim=None,
+        license=None,
+        open_weights=True,
+        public_training_code=None,
+        public_training_data=None,
+        framework=["PyTorch"],
+        similarity_fn_name="cosine",
+        use_instructions=True,
+        training_datasets=None,
+    )
+
+
+class KalmMtebModel(AbsEncoder):
+    """mteb encoder around a :class:`TextEncoder`, applying KaLM instructions.
+
+    Retrieval queries get ``"Instruct: {instruction} \\n Query: {text}"`` and documents stay bare.
+    Symmetric tasks (pair classification, clustering, STS, ...) encode with no prompt type, so the
+    instruction goes on every text. The instruction is ``instructions[task name]`` if given, else
+    the task's own (see :func:`kalm_lib.mteb_tasks.task_instruction`).
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        model_name: str,
+        *,
+        revision: str = "local",
+        instructions: Mapping[str, str] | None = None,
+    ) -> None:
+        self.model = encoder
+        self.mteb_model_meta = kalm_model_meta(model_name, revision)
+        self.instructions = dict(instructions or {})
+
+    def instruction_for(self, task_metadata: TaskMetadata) -> str:
+        """The instruction used for ``task_metadata``'s instructed inputs."""
+        return self.instructions.get(task_metadata.name) or task_instruction(task_metadata)
+
+    def format_texts(
+        self, texts: Sequence[str], task_metadata: TaskMetadata, prompt_type: PromptType | None
+    ) -> list[str]:
+        """Texts as the encoder sees them: documents bare, everything else instructed."""
+        if prompt_type == PromptType.document:
+            return list(texts)
+        instruction = self.instruction_for(task_metadata)
+        return [format_instructed(instruction, text) for text in texts]
+
+    def encode(
+        self,
+        inputs: DataLoader[BatchedInput],
+        *,
+        task_metadata: TaskMetadata,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: PromptType | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Embeddings [n, dim] (float32) of every text the dataloader yields, in order."""
+        texts = self.format_texts([text for batch in inputs for text in batch["text"]], task_metadata, prompt_type)
+        batch_size = int(kwargs.get("batch_size", MTEB_DEFAULT_BATCH_SIZE))
+        embeddings = np.asarray(self.model.encode(texts, batch_size=batch_size), dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ValueError(f"encoder returned shape {embeddings.shape} for {len(texts)} texts")
+        return embeddings
+
+
+# --- running mteb and tidying its results ------------------------------------------------------
+
+
+def evaluate_model(
+    encoder: TextEncoder,
+    tasks: Sequence[AbsTask],
+    output_folder: Path,
+    model_name: str,
+    batch_size: int = 64,
+    overwrite: bool = True,
+    *,
+    revision: str = "local",
+    instructions: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Evaluate ``encoder`` on ``tasks`` with ``mteb.evaluate``; results are saved under ``output_folder``.
+
+    ``overwrite=False`` keeps (and returns) results already in the folder and runs only what is missing.
+    Returns the tidy frame of :func:`tidy_results`.
+    """
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    model = KalmMtebModel(encoder, model_name, revision=revision, instructions=instructions)
+    result = mteb.evaluate(
+        model,
+        list(tasks),
+        cache=ResultCache(Path(output_folder)),
+        overwrite_strategy="always" if overwrite else "only-missing",
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+        co2_tracker=False,
+        show_progress_bar=False,
+    )
+    return tidy_results(result.task_results, model.mteb_model_meta.name, tasks)
+
+
+def _is_score(value: object) -> bool:
+    """A scalar numeric score (not a nested per-level list/dict, not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _result_rows(result: TaskResult, model: str, metadata: TaskMetadata | None) -> list[dict[str, Any]]:
+    """Tidy rows of one task result; without metadata the ``main_score`` entry is the main row."""
+    main_metric = metadata.main_score if metadata else "main_score"
+    task_type = metadata.type if metadata else "unknown"
+    rows = []
+    for split, entries in result.scores.items():
+        for entry in entries:
+            for metric, value in entry.items():
+                if not _is_score(value) or (metadata and metric == "main_score"):
+                    continue
+                rows.append(
+                    {
+                        "model": model,
+                        "task": result.task_name,
+                        "task_type": task_type,
+                        "split": split,
+                        "subset": entry["hf_subset"],
+                        "metric": metric,
+                        "score": float(value),
+                        "is_main": metric == main_metric,
+                    }
+                )
+    return rows
+
+
+def tidy_results(task_results: Iterable[TaskResult], model_name: str, tasks: Iterable[AbsTask] = ()) -> pd.DataFrame:
+    """One row per (task, split, subset, metric): columns :data:`TIDY_COLUMNS`.
+
+    Task type and main metric come from ``tasks`` when given, else from the local/mteb task registry.
+    """
+    known = {task.metadata.name: task.metadata for task in tasks}
+    rows = [
+        row
+        for result in task_results
+        for row in _result_rows(result, model_name, known.get(result.task_name) or find_task_metadata(result.task_name))
+    ]
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def load_results_folder(output_folder: Path, tasks: Iterable[AbsTask] = ()) -> pd.DataFrame:
+    """Read every model's saved mteb results in ``output_folder`` back into the tidy format."""
+    output_folder = Path(output_folder)
+    if not (output_folder / "results").is_dir():
+        raise FileNotFoundError(f"no mteb results folder at {output_folder / 'results'}")
+    tasks = list(tasks)
+    loaded = ResultCache(output_folder).load_results(include_remote=False)
+    frames = [tidy_results(model.task_results, model.model_name, tasks) for model in loaded.model_results]
+    if not frames:
+        return pd.DataFrame(columns=TIDY_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- compressed embeddings (beyond the paper) --------------------------------------------------
+
+
+def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.where(norms > 0, norms, 1.0)
+
+
+def truncate_embeddings(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """Matryoshka truncation: the first ``dim`` dimensions, re-normalised."""
+    if not 1 <= dim <= embeddings.shape[1]:
+        raise ValueError(f"cannot truncate {embeddings.shape[1]}-dim embeddings to {dim}")
+    return l2_normalize(embeddings[:, :dim])
+
+
+def quantize_int8(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-dimension int8 codes in [-127, 127] and their float32 scales (max |x| / 127)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    peak = np.abs(embeddings).max(axis=0)
+    scale = (np.where(peak > 0, peak, 1.0) / 127.0).astype(np.float32)
+    codes = np.clip(np.rint(embeddings / scale), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def binarize(embeddings: np.ndarray) -> np.ndarray:
+    """Sign bits as int8 +1/-1 (zero counts as +1)."""
+    return np.where(np.asarray(embeddings) >= 0, 1, -1).astype(np.int8)
+
+
+def compress_embeddings(embeddings: np.ndarray, scheme: Quantization) -> np.ndarray:
+    """Unit float32 vectors whose cosine equals the similarity computed from the compressed codes.
+
+    int8: codes * scale (the dot product of int8 codes weighted by the per-dimension scales).
+    binary: +/-1 signs / sqrt(dim) (cosine = 1 - 2 * hamming / dim).
+    """
+    if scheme == "int8":
+        codes, scale = quantize_int8(embeddings)
+        return l2_normalize(codes.astype(np.float32) * scale)
+    if scheme == "binary":
+        return l2_normalize(binarize(embeddings).astype(np.float32))
+    raise ValueError(f"unknown quantization {scheme!r}; expected one of {QUANTIZATIONS}")
+
+
+class TruncatedEncoder:
+    """``encoder`` with embeddings cut to their first ``dim`` dimensions and re-normalised."""
+
+    def __init__(self, encoder: TextEncoder, dim: int) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.encoder = encoder
+        self.dim = dim
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Truncated, unit-norm float32 embeddings [len(texts), dim]."""
+        return truncate_embeddings(self.encoder.encode(texts, batch_size=batch_size), self.dim)
+
+
+class QuantizedEncoder:
+    """``encoder`` with embeddings quantised to int8 or binary (see :func:`compress_embeddings`).
+
+    int8 scales are calibrated per ``encode`` call, i.e. on the batch mteb encodes at once (all
+    queries, or a corpus chunk). Calls are quantised independently; since the returned vectors are
+    de-quantised, queries and documents stay comparable.
+    """
+
+    def __init__(self, encoder: TextEncoder, scheme: Quantization) -> None:
+        if scheme not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {scheme!r}; expected one of {QUANTIZATIONS}")
+        self.encoder = encoder
+        self.scheme: Quantization = scheme
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Quantised (then de-quantised), unit-norm float32 embeddings [len(texts), dim]."""
+        return compress_embeddings(self.encoder.encode(texts, batch_size=batch_size), self.scheme)

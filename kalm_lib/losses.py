@@ -1,0 +1,97 @@
+"""The KaLM-Embedding-V2 contrastive objective as one module with a clear contract.
+
+Inputs are unit-norm embeddings of the local batch: queries q [B, D], positives p [B, D] and
+explicit hard negatives n [B, M, D] (M may be 0). With s the cosine similarity and tau the
+temperature, query i sees the logits
+
+    s(q_i, p_i+)/tau,   s(q_i, p_j+)/tau for j != i (in-batch),   s(q_i, n_{j,k})/tau for all j, k,
+
+where j runs over the *global* batch (positives and negatives gathered from every process, with
+gradient). Without in-batch negatives (classification / clustering-style data) only q_i's own
+hard negatives n_{i,k} stay. Online hard-negative mixing appends synthetic negatives to row i
+(see :mod:`kalm_lib.hard_negative_mixing`). With Z_i the row's sum of exponentials and
+p_i = exp(s(q_i, p_i+)/tau) / Z_i, the focal-style reweighted loss is
+
+    L = mean_i  -(1 - p_i)^gamma * log p_i,
+
+which is plain InfoNCE for gamma = 0. The weight is part of the graph, as in focal loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributed import gather_with_grad, world
+from .hard_negative_mixing import MixingConfig, hardest_negatives, synthesise
+
+
+def focal_infonce(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
+    """Mean over rows of -(1 - p)^gamma log p, p the softmax probability of the target column."""
+    log_p = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+    if gamma == 0.0:
+        return -log_p.mean()
+    weight = (1.0 - log_p.exp()).clamp_min(0.0).pow(gamma)
+    return -(weight * log_p).mean()
+
+
+class KalmContrastiveLoss(nn.Module):
+    """InfoNCE with in-batch and hard negatives, focal-style reweighting and hard-negative mixing."""
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        focal_gamma: float = 0.0,
+        mixing: MixingConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+        self.temperature = temperature
+        self.focal_gamma = focal_gamma
+        self.mixing = mixing
+        self.generator = generator
+
+    def forward(self, queries: Tensor, positives: Tensor, negatives: Tensor | None = None, in_batch_negatives: bool = True) -> Tensor:
+        """Scalar loss for the local queries against global candidates."""
+        batch, dim = queries.shape
+        negatives = queries.new_zeros(batch, 0, dim) if negatives is None else negatives
+        per_query = negatives.shape[1]
+        rank, _ = world()
+        all_pos = gather_with_grad(positives)
+        all_neg = gather_with_grad(negatives.reshape(-1, dim))
+        candidates = torch.cat([all_pos, all_neg], dim=0)
+        own = torch.arange(batch, device=queries.device) + rank * batch
+        allowed = self._allowed(own, all_pos.shape[0], all_neg.shape[0], per_query, in_batch_negatives)
+        logits = (queries @ candidates.T).masked_fill(~allowed, float("-inf"))
+        if self.mixing is not None:
+            negative_mask = allowed.clone()
+            negative_mask[torch.arange(batch), own] = False
+            hardest = hardest_negatives(queries.detach(), candidates.detach(), negative_mask, self.mixing.top_k)
+            synthetic = synthesise(queries.detach(), hardest, self.mixing, self.generator)
+            logits = torch.cat([logits, torch.einsum("bd,bmd->bm", queries, synthetic)], dim=1)
+        return focal_infonce(logits / self.temperature, own, self.focal_gamma)
+
+    def from_stacked(self, embeddings: Tensor, batch_size: int, negatives_per_query: int, in_batch_negatives: bool = True) -> Tensor:
+        """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
+        queries, positives = embeddings[:batch_size], embeddings[batch_size : 2 * batch_size]
+        negatives = embeddings[2 * batch_size :].reshape(batch_size, negatives_per_query, -1)
+        return self(queries, positives, negatives, in_batch_negatives)
+
+    @staticmethod
+    def _allowed(own: Tensor, n_pos: int, n_neg: int, per_query: int, in_batch: bool) -> Tensor:
+        """[B, n_pos + n_neg] mask of the candidates each local query may score against."""
+        batch = own.shape[0]
+        if in_batch:
+            return torch.ones(batch, n_pos + n_neg, dtype=torch.bool, device=own.device)
+        allowed = torch.zeros(batch, n_pos + n_neg, dtype=torch.bool, device=own.device)
+        rows = torch.arange(batch, device=own.device)
+        allowed[rows, own] = True
+        if per_query:
+            columns = n_pos + own[:, None] * per_query + torch.arange(per_query, device=own.device)
+            allowed[rows[:, None], columns] = True
+        return allowed

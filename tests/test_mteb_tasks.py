@@ -1,0 +1,439 @@
+"""Local mteb tasks and the mteb evaluation path, run offline on tiny hand-made task files."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import math
+import socket
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mteb
+import numpy as np
+import pytest
+from mteb import TaskResult
+
+from kalm_lib.evaluation import (
+    TIDY_COLUMNS,
+    KalmMtebModel,
+    QuantizedEncoder,
+    TruncatedEncoder,
+    evaluate_model,
+    format_instructed,
+    load_results_folder,
+    quantize_int8,
+    tidy_results,
+)
+from kalm_lib.mteb_tasks import LOCAL_TASKS, build_local_tasks, payload_revision, standard_tasks, task_instruction
+
+RETRIEVAL = "KalmDefinitionRetrieval"
+PAIRS = "KalmSynonymAntonymPairClassification"
+CLUSTERING = "KalmSynsetClustering"
+FILES = {
+    RETRIEVAL: "definition_retrieval.json",
+    PAIRS: "synonym_antonym_pairs.json",
+    CLUSTERING: "synset_clustering.json",
+}
+RETRIEVAL_INSTRUCTION = "Given a dictionary definition, retrieve the word it defines"
+PAIR_INSTRUCTION = "Retrieve semantically similar words"
+CLUSTER_INSTRUCTION = "Identify the synonym set of the word"
+
+WORDS = ["cat", "dog", "oak", "rose", "salt", "iron", "rain", "wolf", "lake", "wheat"]
+DEFINITIONS = [
+    "a small domesticated feline",
+    "a domesticated canine kept as a pet",
+    "a large tree bearing acorns",
+    "a thorny shrub with fragrant flowers",
+    "a white crystalline seasoning",
+    "a strong grey metal",
+]
+PAIR_LEFT = ["big", "happy", "fast", "cold", "begin", "rich", "loud", "bright"]
+PAIR_RIGHT = ["large", "sad", "quick", "hot", "start", "poor", "noisy", "dim"]
+PAIR_LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+CLUSTERS = {
+    "vehicle": ["car", "automobile", "motorcar", "auto"],
+    "boat": ["ship", "boat", "vessel", "craft"],
+    "dwelling": ["house", "home", "dwelling", "abode"],
+}
+
+
+def retrieval_payload() -> dict[str, Any]:
+    return {
+        "name": RETRIEVAL,
+        "instruction": RETRIEVAL_INSTRUCTION,
+        "queries": {f"q{i}": text for i, text in enumerate(DEFINITIONS)},
+        "corpus": {f"d{i}": word for i, word in enumerate(WORDS)},
+        "qrels": {f"q{i}": {f"d{i}": 1} for i in range(len(DEFINITIONS))},
+    }
+
+
+def pair_payload() -> dict[str, Any]:
+    return {
+        "name": PAIRS,
+        "instruction": PAIR_INSTRUCTION,
+        "sentence1": list(PAIR_LEFT),
+        "sentence2": list(PAIR_RIGHT),
+        "labels": list(PAIR_LABELS),
+    }
+
+
+def clustering_payload() -> dict[str, Any]:
+    return {
+        "name": CLUSTERING,
+        "instruction": CLUSTER_INSTRUCTION,
+        "sentences": [word for words in CLUSTERS.values() for word in words],
+        "labels": [label for label, words in CLUSTERS.items() for _ in words],
+    }
+
+
+PAYLOADS: dict[str, Callable[[], dict[str, Any]]] = {
+    RETRIEVAL: retrieval_payload,
+    PAIRS: pair_payload,
+    CLUSTERING: clustering_payload,
+}
+
+
+def write_payload(folder: Path, task: str, payload: Mapping[str, Any]) -> Path:
+    path = folder / FILES[task]
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test: evaluation must be fully offline."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def eval_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    for task, make in PAYLOADS.items():
+        write_payload(folder, task, make())
+    return folder
+
+
+# --- fake encoders -------------------------------------------------------------------------------
+
+
+def bare_text(text: str) -> str:
+    """The text without the KaLM instruction prefix."""
+    return text.rsplit("\n Query: ", 1)[-1]
+
+
+class HashedTrigramEncoder:
+    """Deterministic bag of hashed character trigrams, L2-normalised."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            padded = f"  {text} "
+            for start in range(len(padded) - 2):
+                out[row, zlib.crc32(padded[start : start + 3].encode()) % self.dim] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+class LookupEncoder:
+    """Embeds each (instruction-stripped) text by looking it up; unknown texts fail loudly."""
+
+    def __init__(self, table: Mapping[str, np.ndarray]) -> None:
+        self.table = table
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        rows = np.stack([self.table[bare_text(text)] for text in texts]).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+class RecordingEncoder(HashedTrigramEncoder):
+    """Hashed encoder that remembers every text it was asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        self.seen.update(texts)
+        return super().encode(texts, batch_size)
+
+
+DIM = 48
+
+
+def unit(index: int) -> np.ndarray:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[index] = 1.0
+    return vector
+
+
+def perfect_table(query_vector: Callable[[int], np.ndarray]) -> dict[str, np.ndarray]:
+    """Doc i = e_i, query i = query_vector(i); synonym pairs share a vector, antonyms are orthogonal;
+    each cluster has its own vector."""
+    table = {word: unit(i) for i, word in enumerate(WORDS)}
+    table |= {text: query_vector(i) for i, text in enumerate(DEFINITIONS)}
+    for j, (left, right, label) in enumerate(zip(PAIR_LEFT, PAIR_RIGHT, PAIR_LABELS, strict=True)):
+        table[left] = unit(10 + 2 * j)
+        table[right] = unit(10 + 2 * j) if label == 1 else unit(11 + 2 * j)
+    for c, words in enumerate(CLUSTERS.values()):
+        table |= {word: unit(30 + c) for word in words}
+    return table
+
+
+def main_scores(frame: Any) -> dict[str, float]:
+    mains = frame[frame["is_main"]]
+    return dict(zip(mains["task"], mains["score"], strict=True))
+
+
+def score(frame: Any, task: str, metric: str) -> float:
+    rows = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+    assert len(rows) == 1, f"expected one {task}/{metric} row, got {len(rows)}"
+    return float(rows["score"].iloc[0])
+
+
+# --- building tasks ------------------------------------------------------------------------------
+
+
+def test_build_local_tasks_binds_instruction_and_file_hash(eval_dir: Path) -> None:
+    tasks = build_local_tasks(eval_dir)
+    assert [t.metadata.name for t in tasks] == [RETRIEVAL, PAIRS, CLUSTERING]
+    assert [t.metadata.type for t in tasks] == ["Retrieval", "PairClassification", "Clustering"]
+    assert [t.metadata.main_score for t in tasks] == ["ndcg_at_10", "max_ap", "v_measure"]
+    retrieval = tasks[0]
+    assert retrieval.instruction == RETRIEVAL_INSTRUCTION
+    assert retrieval.metadata.prompt == RETRIEVAL_INSTRUCTION
+    assert task_instruction(retrieval.metadata) == RETRIEVAL_INSTRUCTION
+    assert retrieval.metadata.revision == payload_revision(retrieval_payload())
+    assert len(retrieval.metadata.revision) == 16
+    assert payload_revision({**retrieval_payload(), "corpus": {"d0": "cat"}}) != retrieval.metadata.revision
+    # the class-level metadata stays unbound
+    assert LOCAL_TASKS[RETRIEVAL].metadata.prompt is None
+
+    only = build_local_tasks(eval_dir, [CLUSTERING])
+    assert [t.metadata.name for t in only] == [CLUSTERING]
+
+
+def test_missing_folder_file_and_unknown_task_are_named(eval_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="evaluation folder not found"):
+        build_local_tasks(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"unknown local task\(s\) \['KalmNope'\]"):
+        build_local_tasks(eval_dir, ["KalmNope"])
+    (eval_dir / FILES[CLUSTERING]).unlink()
+    with pytest.raises(FileNotFoundError, match="synset_clustering.json"):
+        build_local_tasks(eval_dir)
+    assert [t.metadata.name for t in build_local_tasks(eval_dir, [RETRIEVAL, PAIRS])] == [RETRIEVAL, PAIRS]
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda payload: payload.pop(key)
+
+
+def _set(key: str, value: object) -> Callable[[dict[str, Any]], None]:
+    return lambda payload: payload.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("task", "mutate", "message"),
+    [
+        (RETRIEVAL, _drop("qrels"), "definition_retrieval.json: missing field 'qrels'"),
+        (RETRIEVAL, _set("qrels", {"q0": {"d99": 1}}), "unknown doc id 'd99'"),
+        (RETRIEVAL, _set("qrels", {"q9": {"d0": 1}}), "unknown query id 'q9'"),
+        (RETRIEVAL, _set("corpus", {"d0": ""}), "field 'corpus' has empty or non-string texts"),
+        (RETRIEVAL, _set("instruction", " "), "field 'instruction' must be a non-empty string"),
+        (RETRIEVAL, _set("name", "Wrong"), "field 'name' is 'Wrong', expected 'KalmDefinitionRetrieval'"),
+        (PAIRS, _set("labels", [1, 0, 1, 0, 1, 0, 1, 2]), "field 'labels' must hold only 0 and 1"),
+        (PAIRS, _set("labels", [1] * 8), "field 'labels' must contain both 0 and 1"),
+        (PAIRS, _set("sentence2", PAIR_RIGHT[:7]), "field 'sentence2' has 7 items, expected 8"),
+        (CLUSTERING, _set("sentences", ["car", "auto", "ship", 5] + ["x"] * 8), r"field 'sentences'\[3\] must be str"),
+        (CLUSTERING, _set("labels", ["a"] * 12), "field 'labels' must name at least 2 clusters"),
+        (CLUSTERING, _set("labels", [0] * 6 + ["b"] * 6), "field 'labels' mixes int/str items"),
+    ],
+)
+def test_malformed_fields_are_named(
+    eval_dir: Path, task: str, mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    payload = PAYLOADS[task]()
+    mutate(payload)
+    write_payload(eval_dir, task, payload)
+    with pytest.raises(ValueError, match=message):
+        build_local_tasks(eval_dir, [task])
+
+
+def test_invalid_json_is_reported(eval_dir: Path) -> None:
+    (eval_dir / FILES[PAIRS]).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="synonym_antonym_pairs.json: not valid JSON"):
+        build_local_tasks(eval_dir, [PAIRS])
+
+
+def test_standard_tasks_resolve_from_the_mteb_registry() -> None:
+    tasks = standard_tasks(["SciFact", "SprintDuplicateQuestions"])
+    assert [t.metadata.name for t in tasks] == ["SciFact", "SprintDuplicateQuestions"]
+    # SciFact splits its prompt by side; the query side is the instruction
+    assert task_instruction(tasks[0].metadata) == tasks[0].metadata.prompt["query"]
+    assert len(standard_tasks("MTEB(eng, v2)")) == 41
+
+
+# --- evaluation through mteb ---------------------------------------------------------------------
+
+
+def test_evaluate_model_saves_mteb_results_and_returns_tidy_frame(eval_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mteb"
+    frame = evaluate_model(HashedTrigramEncoder(), build_local_tasks(eval_dir), out, "hashed", batch_size=4)
+
+    run_folder = out / "results" / "kalm-study__hashed" / "local"
+    meta = json.loads((run_folder / "model_meta.json").read_text())
+    assert meta["name"] == "kalm-study/hashed"
+    assert meta["revision"] == "local"
+    for task, filename in FILES.items():
+        saved = TaskResult.from_disk(run_folder / f"{task}.json")
+        assert saved.task_name == task
+        assert saved.dataset_revision == payload_revision(json.loads((eval_dir / filename).read_text()))
+        assert list(saved.scores) == ["test"]
+
+    assert list(frame.columns) == TIDY_COLUMNS
+    assert set(frame["model"]) == {"kalm-study/hashed"}
+    assert set(frame["split"]) == {"test"} and set(frame["subset"]) == {"default"}
+    mains = frame[frame["is_main"]]
+    assert sorted(zip(mains["task"], mains["task_type"], mains["metric"], strict=True)) == [
+        (RETRIEVAL, "Retrieval", "ndcg_at_10"),
+        (PAIRS, "PairClassification", "max_ap"),
+        (CLUSTERING, "Clustering", "v_measure"),
+    ]
+    assert mains["score"].between(0.0, 1.0).all()
+    assert "main_score" not in set(frame["metric"])
+
+    reloaded = load_results_folder(out)
+    assert list(reloaded.columns) == TIDY_COLUMNS
+    assert main_scores(reloaded) == pytest.approx(main_scores(frame), abs=1e-6)
+
+
+def test_hand_checkable_scores_and_task_reuse(eval_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mteb"
+    tasks = build_local_tasks(eval_dir)
+
+    # query i points mostly at doc i+1 and partly at its own doc i: the positive is always ranked 2nd
+    second = LookupEncoder(perfect_table(lambda i: 0.6 * unit(i) + 0.8 * unit(i + 1)))
+    frame = evaluate_model(second, tasks[:1], out, "second-best")
+    assert score(frame, RETRIEVAL, "ndcg_at_10") == pytest.approx(1 / math.log2(3), abs=1e-5)
+    assert score(frame, RETRIEVAL, "mrr_at_10") == pytest.approx(0.5, abs=1e-6)
+    assert score(frame, RETRIEVAL, "recall_at_1") == 0.0
+    assert score(frame, RETRIEVAL, "recall_at_3") == 1.0
+
+    # the same task objects evaluated again (mteb unloads data in between) with a perfect encoder
+    perfect = LookupEncoder(perfect_table(unit))
+    frame = evaluate_model(perfect, tasks, out, "perfect")
+    assert main_scores(frame) == {RETRIEVAL: 1.0, PAIRS: 1.0, CLUSTERING: 1.0}
+    assert tasks[0].metadata.prompt == RETRIEVAL_INSTRUCTION
+
+    reloaded = load_results_folder(out)
+    by_model = reloaded[reloaded["is_main"]].groupby("model")["task"].apply(set).to_dict()
+    assert by_model == {"kalm-study/second-best": {RETRIEVAL}, "kalm-study/perfect": set(FILES)}
+
+
+def test_overwrite_false_reuses_saved_results(eval_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mteb"
+    tasks = build_local_tasks(eval_dir, [PAIRS])
+    first = evaluate_model(HashedTrigramEncoder(), tasks, out, "resume")
+    recorder = RecordingEncoder()
+    again = evaluate_model(recorder, tasks, out, "resume", overwrite=False)
+    assert recorder.seen == set()
+    assert main_scores(again) == pytest.approx(main_scores(first), abs=1e-6)
+
+
+def test_instruction_on_queries_only_for_retrieval_and_on_both_sides_for_pairs(eval_dir: Path, tmp_path: Path) -> None:
+    recorder = RecordingEncoder()
+    evaluate_model(recorder, build_local_tasks(eval_dir, [RETRIEVAL]), tmp_path / "a", "rec")
+    queries = {f"Instruct: {RETRIEVAL_INSTRUCTION} \n Query: {text}" for text in DEFINITIONS}
+    assert recorder.seen == queries | set(WORDS)
+
+    recorder = RecordingEncoder()
+    evaluate_model(recorder, build_local_tasks(eval_dir, [PAIRS]), tmp_path / "b", "rec")
+    assert recorder.seen == {f"Instruct: {PAIR_INSTRUCTION} \n Query: {w}" for w in PAIR_LEFT + PAIR_RIGHT}
+
+    recorder = RecordingEncoder()
+    override = {CLUSTERING: "Group words"}
+    evaluate_model(recorder, build_local_tasks(eval_dir, [CLUSTERING]), tmp_path / "c", "rec", instructions=override)
+    assert recorder.seen == {format_instructed("Group words", w) for w in clustering_payload()["sentences"]}
+
+
+def test_tidy_results_for_a_task_no_registry_knows() -> None:
+    result = TaskResult(
+        dataset_revision="r1",
+        task_name="MysteryTask",
+        mteb_version="2.26.24",
+        scores={"test": [{"hf_subset": "default", "languages": ["eng-Latn"], "main_score": 0.25, "acc": 0.75}]},
+        evaluation_time=1.0,
+    )
+    frame = tidy_results([result], "org/model")
+    rows = sorted(zip(frame["metric"], frame["score"], frame["is_main"], frame["task_type"], strict=True))
+    assert rows == [("acc", 0.75, False, "unknown"), ("main_score", 0.25, True, "unknown")]
+
+
+def test_wrapper_implements_the_mteb_encoder_protocol() -> None:
+    model = KalmMtebModel(HashedTrigramEncoder(), "org/name", revision="abc123")
+    assert isinstance(model, mteb.EncoderProtocol)
+    assert model.mteb_model_meta.name == "org/name"
+    assert model.mteb_model_meta.revision == "abc123"
+    assert format_instructed("", "plain") == "plain"
+
+
+# --- compressed embeddings -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def texts() -> list[str]:
+    return [f"word number {i}" for i in range(20)]
+
+
+def test_truncated_encoder_keeps_the_normalised_prefix(texts: list[str]) -> None:
+    base = HashedTrigramEncoder(dim=64)
+    full = base.encode(texts, batch_size=8)
+    short = TruncatedEncoder(base, 16).encode(texts, batch_size=8)
+    assert short.shape == (20, 16) and short.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-6)
+    prefix = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, prefix, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot truncate 64-dim embeddings to 65"):
+        TruncatedEncoder(base, 65).encode(texts, batch_size=8)
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        TruncatedEncoder(base, 0)
+
+
+def test_int8_quantisation(texts: list[str]) -> None:
+    base = HashedTrigramEncoder(dim=64)
+    full = base.encode(texts, batch_size=8)
+    codes, scale = quantize_int8(full)
+    assert codes.dtype == np.int8 and codes.shape == (20, 64)
+    assert scale.dtype == np.float32 and scale.shape == (64,)
+    assert np.abs(codes).max() == 127
+    quantised = QuantizedEncoder(base, "int8").encode(texts, batch_size=8)
+    assert quantised.shape == (20, 64) and quantised.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(quantised, axis=1), 1.0, atol=1e-6)
+    # each value moves by at most half a quantisation step before re-normalisation
+    assert np.all(np.abs(codes * scale - full) <= scale / 2 + 1e-7)
+    assert np.min(np.sum(quantised * full, axis=1)) > 0.999
+
+
+def test_binary_quantisation(texts: list[str]) -> None:
+    base = HashedTrigramEncoder(dim=64)
+    full = base.encode(texts, batch_size=8)
+    binary = QuantizedEncoder(base, "binary").encode(texts, batch_size=8)
+    assert binary.shape == (20, 64) and binary.dtype == np.float32
+    np.testing.assert_allclose(np.abs(binary), 1 / 8, atol=1e-7)  # +-1 / sqrt(64)
+    assert np.array_equal(binary > 0, full >= 0)
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        QuantizedEncoder(base, "int4")  # type: ignore[arg-type]
