@@ -102,8 +102,11 @@ def _check_values(card: DataCard) -> None:
         raise DataCardError(f"{card.path}: a hub source needs 'hub: {{path: ...}}'")
 
 
-def load_cards(cards_dir: Path) -> dict[str, DataCard]:
-    """Load every ``*.yaml`` card under ``cards_dir`` (recursively), keyed by unique name."""
+def load_cards(cards_dir: Path, check_inputs: bool = True) -> dict[str, DataCard]:
+    """Load every ``*.yaml`` card under ``cards_dir`` (recursively), keyed by unique name.
+
+    ``check_inputs`` verifies that every card named in an ``inputs`` field is among them.
+    """
     if not cards_dir.is_dir():
         raise DataCardError(f"data card folder not found: {cards_dir}")
     cards: dict[str, DataCard] = {}
@@ -112,7 +115,7 @@ def load_cards(cards_dir: Path) -> dict[str, DataCard]:
         if card.name in cards:
             raise DataCardError(f"{path}: card name {card.name!r} already used by {cards[card.name].path}")
         cards[card.name] = card
-    for card in cards.values():
+    for card in cards.values() if check_inputs else ():
         for name in card.inputs:
             if name not in cards:
                 raise DataCardError(f"{card.path}: field 'inputs' names unknown card {name!r}")

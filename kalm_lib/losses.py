@@ -79,7 +79,7 @@ class KalmContrastiveLoss(nn.Module):
     def from_stacked(self, embeddings: Tensor, batch_size: int, negatives_per_query: int, in_batch_negatives: bool = True) -> Tensor:
         """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
         queries, positives = embeddings[:batch_size], embeddings[batch_size : 2 * batch_size]
-        negatives = embeddings[2 * batch_size :].reshape(batch_size, negatives_per_query, -1)
+        negatives = embeddings[2 * batch_size :].reshape(batch_size, negatives_per_query, embeddings.shape[1])
         return self(queries, positives, negatives, in_batch_negatives)
 
     @staticmethod

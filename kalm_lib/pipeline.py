@@ -201,12 +201,13 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     """Model label -> checkpoint folder (None = the base model from the profile)."""
     models: dict[str, Path | None] = {"base": None, "stage1": stage1_dir(run_dir)}
     models.update({path.parent.name: path for path in stage2_dirs(run_dir)})
-    models.update({p.name: p for p in sorted((run_dir / "checkpoints").glob("soup_*"))})
+    soups = {f"soup_{m}": run_dir / "checkpoints" / f"soup_{m}" for m in profile.soup.methods}
+    models.update({label: path for label, path in soups.items() if path.is_dir()})
     return models
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Real mteb evaluation of every stage (plus compressed variants of the last model)."""
+    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings."""
     tasks = build_local_tasks(run_dir / "data" / "eval", profile.evaluation.local_tasks)
     if profile.evaluation.standard_tasks or profile.evaluation.benchmark:
         tasks += standard_tasks(profile.evaluation.benchmark or profile.evaluation.standard_tasks)
