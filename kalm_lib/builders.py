@@ -99,6 +99,13 @@ def relation_classification(sources: Sources) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 
+def hub_pairs(sources: Sources, input_name: str) -> pd.DataFrame:
+    """Generic (query, positive[, negative]) rows of a hub source; no dictionary words involved."""
+    frame = sources[input_name]
+    negatives = [[n] for n in frame["negative"]] if "negative" in frame else [[] for _ in range(len(frame))]
+    return _examples(frame["query"], frame["positive"], negatives, [[] for _ in range(len(frame))])
+
+
 # --- held-out evaluation tasks ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -179,6 +186,7 @@ def synset_clustering_task(
     return EvalTask(payload, frozenset(used), frozenset(used))
 
 
+SINGLE_INPUT_BUILDERS: dict[str, Callable[[Sources, str], pd.DataFrame]] = {"hub_pairs": hub_pairs}
 TRAIN_BUILDERS: dict[str, Callable[[Sources], pd.DataFrame]] = {
     "gcide_definition_pairs": gcide_definition_pairs,
     "oewn_gloss_pairs": oewn_gloss_pairs,

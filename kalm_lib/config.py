@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Curation: which data cards to read and how much of each derived set to keep."""
 
-    cards_dir: str = "data_cards"
+    cards_dir: str = "data_cards/offline"
     eval_word_fraction: float = 0.1
     max_stage1_pairs_per_source: int = 20000
     max_stage2_per_source: int = 4000

@@ -2,7 +2,7 @@
 
 Order for every training set: normalise text -> length filter -> exact de-duplication -> drop
 examples touching held-out evaluation words or texts (contamination) -> near-duplicate removal
-(MinHash LSH over ``query || positive``) -> cap to the profile's size. Each step's row count goes
+(MinHash LSH over character 5-grams of ``query || positive``) -> cap to the profile's size. Each step's row count goes
 into the curation summary.
 """
 
@@ -20,7 +20,7 @@ import pandas as pd
 from datasketch import MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
-from .builders import EVAL_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
+from .builders import EVAL_BUILDERS, SINGLE_INPUT_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
 from .sources import load_source
@@ -61,12 +61,12 @@ def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: f
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def _minhash(text: str, num_perm: int) -> MinHash:
-    """MinHash of a text's word 3-shingles (word unigrams for very short texts)."""
-    tokens = text.casefold().split()
-    shingles = {" ".join(tokens[i : i + 3]) for i in range(max(1, len(tokens) - 2))}
+def _minhash(text: str, num_perm: int, width: int = 5) -> MinHash:
+    """MinHash of a text's character ``width``-grams (robust for short texts such as definitions)."""
+    folded = text.casefold()
+    grams = {folded[i : i + width] for i in range(max(1, len(folded) - width + 1))}
     signature = MinHash(num_perm=num_perm)
-    signature.update_batch([s.encode() for s in shingles])
+    signature.update_batch([g.encode() for g in grams])
     return signature
 
 
@@ -112,12 +112,13 @@ def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
 def curate(cfg: DataConfig, seed: int, cards_dir: Path) -> CurationResult:
     """Run the whole curation for the offline derived cards under ``cards_dir``."""
     cards = load_cards(cards_dir)
-    derived = {n: c for n, c in cards.items() if c.kind == "derived" and c.builder in {**TRAIN_BUILDERS, **EVAL_BUILDERS}}
+    derived = {n: c for n, c in cards.items() if c.kind == "derived"}
     if not derived:
-        raise DataCardError(f"{cards_dir}: no derived cards with a known builder")
+        raise DataCardError(f"{cards_dir}: no derived cards")
+    known = {**TRAIN_BUILDERS, **SINGLE_INPUT_BUILDERS, **EVAL_BUILDERS}
     for card in derived.values():
-        if card.builder not in TRAIN_BUILDERS and card.builder not in EVAL_BUILDERS:
-            raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown")
+        if card.builder not in known:
+            raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown; known: {sorted(known)}")
     sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs})
     rng = np.random.default_rng(seed)
     result = CurationResult(cards=derived, sources=sources)
@@ -155,7 +156,10 @@ def _curate_train(
     summary: list[dict],
 ) -> pd.DataFrame:
     """Apply the filter chain to one training set, logging counts into ``summary``."""
-    frame = TRAIN_BUILDERS[card.builder](sources)
+    if card.builder in SINGLE_INPUT_BUILDERS:
+        frame = SINGLE_INPUT_BUILDERS[card.builder](sources, card.inputs[0])
+    else:
+        frame = TRAIN_BUILDERS[card.builder](sources)
     counts = {"set": card.name, "stage": card.stage, "built": len(frame)}
     frame = length_filter(frame, cfg.min_chars, cfg.max_chars)
     counts["after_length"] = len(frame)

@@ -32,7 +32,11 @@ def focal_infonce(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
     log_p = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
     if gamma == 0.0:
         return -log_p.mean()
-    weight = (1.0 - log_p.exp()).clamp_min(0.0).pow(gamma)
+    # 1 - p as -expm1(log p): no cancellation as p -> 1. The floor at the smallest normal float keeps
+    # the derivative gamma * (1 - p)^(gamma - 1) finite for 0 < gamma < 1 once 1 - p underflows to 0
+    # (a 0 * inf = NaN gradient otherwise); the weight's value there is negligible either way.
+    one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
+    weight = one_minus_p.pow(gamma)
     return -(weight * log_p).mean()
 
 

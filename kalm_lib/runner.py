@@ -19,6 +19,7 @@ import papermill
 from nbconvert import HTMLExporter
 
 from .config import REPO_ROOT, load_profile
+from .encoder import resolve_model_path
 from .manifest import data_hashes, git_state, machine_info, package_versions
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -52,6 +53,8 @@ def run_series(
     """Run every notebook for ``profile``; return the completed run folder."""
     overrides = dict(overrides or {})
     resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
+    if not resolved.model.random_init:
+        resolve_model_path(resolved.model.name_or_path)  # fail fast on a missing model folder
     name = name or f"{resolved.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     final = runs_dir / name
     if final.exists():

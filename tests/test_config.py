@@ -1,0 +1,58 @@
+"""Profiles and overrides: valid ones load, bad ones fail naming the problem."""
+
+import pytest
+
+from kalm_lib.config import ConfigError, available_profiles, load_profile
+
+
+def test_shipped_profiles_load():
+    assert {"cpu", "tiny", "gpu-qwen2-0.5b"} <= set(available_profiles())
+    for name in available_profiles():
+        assert load_profile(name).name == name
+
+
+def test_paper_profile_is_the_papers_setting():
+    gpu = load_profile("gpu-qwen2-0.5b")
+    assert gpu.model.name_or_path == "Qwen/Qwen2-0.5B"
+    assert gpu.model.bidirectional and gpu.model.pooling == "mean" and gpu.model.bf16
+    assert gpu.data.hard_negatives == 7
+    assert (gpu.data.hard_negative_rank_min, gpu.data.hard_negative_rank_max) == (50, 100)
+
+
+def test_overrides_are_applied_and_typed():
+    cfg = load_profile("tiny", {"finetune.focal_gamma": 2, "model.pooling": "last"})
+    assert cfg.finetune.focal_gamma == 2.0 and isinstance(cfg.finetune.focal_gamma, float)
+    assert cfg.model.pooling == "last"
+
+
+def test_unknown_profile_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown profile 'nope'.*cpu"):
+        load_profile("nope")
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['gama'\]"):
+        load_profile("tiny", {"finetune.gama": 1.0})
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="optimiser"):
+        load_profile("tiny", {"optimiser.lr": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("finetune.steps", "ten", "TrainConfig.steps: expected int"),
+        ("finetune.hard_negative_mixing", 1, "expected true/false"),
+        ("finetune.learning_rate", True, "expected a number"),
+    ],
+)
+def test_wrong_types_are_rejected(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", {key: value})
+
+
+def test_missing_profile_file(tmp_path):
+    with pytest.raises(ConfigError, match="profile file not found"):
+        load_profile(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,100 @@
+"""Curation steps on hand-made frames, and the contamination guarantee on the real data."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kalm_lib.builders import is_held_out
+from kalm_lib.config import REPO_ROOT, DataConfig
+from kalm_lib.curation import curate, decontaminate, exact_dedup, length_filter, near_dedup, normalise
+
+
+def frame(rows):
+    return pd.DataFrame(
+        [(q, p, list(n), list(w)) for q, p, n, w in rows], columns=["query", "positive", "negatives", "words"]
+    )
+
+
+def test_normalise_folds_unicode_and_space():
+    assert normalise("  ﬁne\u00a0 print\n\tcase ") == "fine print case"
+
+
+def test_length_filter_checks_query_and_positive():
+    f = frame([("ok query", "word", [], []), ("x", "word", [], []), ("ok query", "w" * 50, [], [])])
+    assert length_filter(f, 2, 20)["query"].tolist() == ["ok query"]
+
+
+def test_exact_dedup_is_case_insensitive():
+    f = frame([("A cat", "cat", [], []), ("a CAT", "Cat", [], []), ("a cat", "dog", [], [])])
+    assert len(exact_dedup(f)) == 2
+
+
+def test_near_dedup_removes_near_copies_only():
+    base = "a small domesticated carnivorous mammal with soft fur and retractable claws"
+    f = frame([
+        (base, "cat", [], []),
+        (base + " often kept", "cat", [], []),  # near copy: same words plus two
+        ("a large body of salt water that covers most of the planet", "ocean", [], []),
+    ])
+    kept = near_dedup(f, threshold=0.7)
+    assert kept["positive"].tolist() == ["cat", "ocean"]
+
+
+def test_decontaminate_drops_words_texts_and_negatives():
+    f = frame([
+        ("definition one", "alpha", [], ["alpha"]),
+        ("definition two", "beta", [], ["beta"]),
+        ("held-out text", "gamma", [], ["gamma"]),
+        ("definition four", "delta", ["held-out text"], ["delta"]),
+    ])
+    kept = decontaminate(f, frozenset({"beta"}), frozenset({"held-out text"}))
+    assert kept["positive"].tolist() == ["alpha"]
+
+
+def test_held_out_split_is_stable_and_sized():
+    words = [f"w{i}" for i in range(20000)]
+    share = np.mean([is_held_out(w, 0.1, 3) for w in words])
+    assert 0.09 < share < 0.11
+    assert [is_held_out(w, 0.1, 3) for w in words[:50]] == [is_held_out(w, 0.1, 3) for w in words[:50]]
+    assert [is_held_out(w, 0.1, 3) for w in words[:200]] != [is_held_out(w, 0.1, 4) for w in words[:200]]
+
+
+@pytest.fixture(scope="module")
+def curated():
+    cfg = DataConfig(eval_word_fraction=0.02, max_stage1_pairs_per_source=300, max_stage2_per_source=200,
+                     eval_retrieval_queries=40, eval_pairs=40, eval_clusters=6)
+    return curate(cfg, seed=11, cards_dir=REPO_ROOT / "data_cards" / "offline")
+
+
+def test_no_training_row_touches_evaluation(curated):
+    test_words = frozenset().union(*(t.words for t in curated.evals.values()))
+    test_texts = frozenset().union(*(t.texts for t in curated.evals.values()))
+    assert len(test_words) > 100
+    for name, f in curated.train.items():
+        for words, query, positive, negatives in zip(f["words"], f["query"], f["positive"], f["negatives"]):
+            assert not test_words.intersection(words), name
+            assert query not in test_texts and positive not in test_texts, name
+            assert not test_texts.intersection(negatives), name
+
+
+def test_validation_and_test_splits_are_disjoint(curated):
+    test = curated.evals["eval_definition_retrieval"].words
+    validation = curated.evals["validation_definition_retrieval"].words
+    assert test and validation and not test & validation
+
+
+def test_summary_counts_every_step(curated):
+    summary = pd.DataFrame(curated.summary)
+    steps = ["built", "after_length", "after_exact_dedup", "after_decontamination", "after_near_dedup_of_pool", "kept"]
+    assert (summary[steps].diff(axis=1).iloc[:, 1:] <= 0).all().all()
+    assert (summary["after_decontamination"] < summary["after_exact_dedup"]).all()
+
+
+def test_eval_payloads_are_consistent(curated):
+    retrieval = curated.evals["eval_definition_retrieval"].payload
+    assert set(retrieval["qrels"]) == set(retrieval["queries"])
+    assert all(doc in retrieval["corpus"] for rel in retrieval["qrels"].values() for doc in rel)
+    pairs = curated.evals["eval_synonym_antonym"].payload
+    assert sorted(set(pairs["labels"])) == [0, 1]
+    clusters = curated.evals["eval_synset_clustering"].payload
+    assert len(set(clusters["labels"])) == 6 and len(clusters["sentences"]) == len(clusters["labels"])
