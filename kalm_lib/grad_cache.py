@@ -52,9 +52,11 @@ def cached_backward(
         for chunk in chunks:
             states.append(_RngState())
             cached.append(model(_features(encoder, chunk)))
-    after = _RngState()
     embeddings = torch.cat(cached).detach().requires_grad_()
     loss = loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
+    # Captured after the loss: its random draws (hard-negative mixing without a generator) must not
+    # be rewound, or every step of a dropout-free model would replay the same mixing coefficients.
+    after = _RngState()
     accelerator.backward(loss)
     grads = embeddings.grad.split([len(c) for c in chunks])
     for index, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):

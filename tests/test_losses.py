@@ -111,9 +111,9 @@ def test_gradients_match_hand_computation(in_batch):
         # particular no positive gets the in-batch push-away term of another query.
         leaves = [unit(a).requires_grad_() for a in (Q_ANGLES, P_ANGLES, N_ANGLES)]
         q, p, n = leaves
-        q_other = torch.cat([q[:1], q[1:].detach() * 0 + unit([3.0, -2.0])])  # move queries 1, 2
+        q_other = torch.cat([q[:1], unit([3.0, -2.0])])  # move queries 1 and 2
         KalmContrastiveLoss(temperature=TAU)(q_other, p, n, in_batch_negatives=False).backward()
-        gq, gp, gn = hand_grads(Q_ANGLES, P_ANGLES, N_ANGLES, TAU, in_batch=False)
+        _, gp, gn = hand_grads(Q_ANGLES, P_ANGLES, N_ANGLES, TAU, in_batch=False)
         torch.testing.assert_close(p.grad[0], gp[0].float(), atol=1e-6, rtol=0)
         torch.testing.assert_close(n.grad[0], gn[0].float(), atol=1e-6, rtol=0)
 
