@@ -1,4 +1,18 @@
-"""Command line: ``python -m kalm_lib run --profile cpu`` runs the whole notebook series."""
+"""Command line.
+
+``python -m kalm_lib run --profile cpu`` runs the whole notebook series.
+
+``python -m kalm_lib train --profile P --run-dir D --stage {pretrain,finetune}`` runs one training
+stage on a run folder whose ``data/`` was written by notebook 00 (``pipeline.run_curation``). It is
+the entry point for multi-process and multi-node training, e.g.::
+
+    accelerate launch --multi_gpu --num_processes 8 -m kalm_lib train --profile gpu-qwen2-0.5b --run-dir runs/x --stage pretrain
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank R --main_process_ip HOST \\
+        --main_process_port 29500 --num_processes 16 -m kalm_lib train ...
+    python -m torch.distributed.run --nproc_per_node 2 -m kalm_lib train ...   # CPU processes (gloo)
+
+(``accelerate launch --cpu`` starts a single process unless given an MPI host file.)
+"""
 
 from __future__ import annotations
 
@@ -8,11 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from papermill.exceptions import PapermillExecutionError
-
 from .config import REPO_ROOT, ConfigError
 from .data_cards import DataCardError
-from .runner import run_series
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -26,9 +37,44 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = None, overrides: dict | None = None) -> Path:
+    """Run one training stage (``pretrain`` or ``finetune``) on an already curated run folder.
+
+    ``seed`` picks the single stage-2 seed to train (default: every ``finetune.seeds``) or, for
+    stage 1, replaces the profile's top-level seed. Works under ``accelerate launch`` /
+    ``torch.distributed.run``: every process trains its shard; only the main process writes the
+    run-level files (histories, final folders). Returns the folder of the (last) final encoder.
+    """
+    import torch
+    from accelerate import PartialState
+
+    from . import pipeline
+
+    overrides = dict(overrides or {})
+    if seed is not None and stage == "finetune":
+        overrides["finetune.seeds"] = [seed]
+    elif seed is not None:
+        overrides["seed"] = seed
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "data").is_dir():
+        raise FileNotFoundError(f"{run_dir / 'data'} not found: curate first (notebook 00 / pipeline.run_curation)")
+    if stage == "finetune" and not pipeline.stage1_dir(run_dir).is_dir():
+        raise FileNotFoundError(f"{pipeline.stage1_dir(run_dir)} not found: run --stage pretrain first")
+    cfg, run_dir = pipeline.open_run(profile, run_dir, overrides)
+    # Initialise the process group (same device choice as training.make_accelerator) before the
+    # stage functions ask which process writes the run-level files.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if stage == "pretrain":
+        final = pipeline.run_pretraining(cfg, run_dir).final_dir
+    else:
+        final = pipeline.run_finetuning(cfg, run_dir)[-1].final_dir
+    state.wait_for_everyone()
+    return final
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="python -m kalm_lib", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kalm_lib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook series with papermill")
     run.add_argument("--profile", default="cpu", help="profile name (kalm_lib/profiles) or YAML path")
@@ -36,7 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--name", default=None, help="run folder name (default: profile + UTC time)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a profile parameter, e.g. --set finetune.focal_gamma=0")
+    train = sub.add_parser("train", help="run one training stage on a curated run folder (accelerate launch entry point)")
+    train.add_argument("--profile", required=True, help="profile name (kalm_lib/profiles) or YAML path")
+    train.add_argument("--run-dir", type=Path, required=True, help="run folder whose data/ notebook 00 wrote")
+    train.add_argument("--stage", choices=("pretrain", "finetune"), required=True)
+    train.add_argument("--seed", type=int, default=None,
+                       help="finetune: train only this seed (default: every finetune.seeds); pretrain: the stage-1 seed")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a profile parameter, e.g. --set pretrain.steps=10")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``run`` subcommand (papermill is imported here: ``train`` processes do not need it)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from .runner import run_series
+
     try:
         folder = run_series(args.profile, args.runs_dir, args.name, parse_overrides(args.overrides))
     except (ConfigError, DataCardError, FileExistsError) as exc:
@@ -47,6 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"run complete: {folder}")
     print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``train`` subcommand: errors as messages and exit codes, one summary line from the main process."""
+    try:
+        final = train_command(args.profile, args.run_dir, args.stage, args.seed, parse_overrides(args.overrides))
+    except (ConfigError, DataCardError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"{args.stage} complete: {final}")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from .bidirectional import enable_bidirectional, is_bidirectional
 from .config import PACKAGED_MINILM, ConfigError, ModelConfig
@@ -54,6 +55,22 @@ def _random_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedToken
     return model, tokenizer
 
 
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at ``path``, with the class its ``tokenizer_config.json`` names.
+
+    transformers 5 otherwise substitutes the model type's registered tokenizer (a ``qwen2`` config
+    always gets ``Qwen2Tokenizer``), which would re-tokenise a checkpoint whose backbone was trained
+    with another tokenizer (our tiny random Qwen2 models use MiniLM's WordPiece).
+    """
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.is_file():
+        name = json.loads(config_file.read_text()).get("tokenizer_class")
+        tokenizer_class = tokenizer_class_from_name(name) if name else None
+        if tokenizer_class is not None:
+            return tokenizer_class.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the backbone and tokenizer named by ``cfg``, bidirectional if asked."""
     if cfg.random_init:
@@ -61,7 +78,7 @@ def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
     else:
         path = resolve_model_path(cfg.name_or_path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
             model = AutoModel.from_pretrained(path, attn_implementation=cfg.attn_implementation)
         except OSError as exc:
             raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {exc}") from exc

@@ -21,7 +21,7 @@ import torch
 from .bidirectional import first_token_sensitivity, is_bidirectional
 from .config import REPO_ROOT, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, write_curated
-from .data_cards import load_cards
+from .distributed import world
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, evaluate_model
 from .mining import mine_hard_negatives
@@ -35,8 +35,15 @@ DEMO_DECODER = {
 }
 
 
+def is_main_process() -> bool:
+    """True on the process that writes run-level files (the only one without torch.distributed)."""
+    return world()[0] == 0
+
+
 def write_json(payload: object, path: Path) -> None:
-    """Write JSON (creating parent folders)."""
+    """Write JSON (creating parent folders) from the main process only."""
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
 
@@ -65,6 +72,7 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     data_dir = run_dir / "data"
     result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir)
     synonyms = _related_words(result.sources.get("oewn_synonyms"), "synonym")
+    torch.manual_seed(profile.seed)
     encoder = load_encoder(profile.model)
     rng = np.random.default_rng(profile.seed)
     for name, frame in result.train.items():
@@ -131,9 +139,11 @@ def stage2_dirs(run_dir: Path) -> list[Path]:
 
 def run_pretraining(profile: Profile, run_dir: Path) -> StageResult:
     """Stage 1: InfoNCE with in-batch negatives on the weakly supervised pairs."""
+    torch.manual_seed(profile.seed)  # a randomly initialised backbone starts from the profile's seed
     encoder = load_encoder(profile.model)
     if not profile.pretrain.enabled:
-        encoder.save(stage1_dir(run_dir))
+        if is_main_process():
+            encoder.save(stage1_dir(run_dir))
         return StageResult(final_dir=stage1_dir(run_dir))
     sets = load_train_sets(run_dir / "data", "pretrain")
     result = train_stage(encoder, sets, profile.pretrain, stage1_dir(run_dir).parent, profile.seed, profile.model.bf16)
@@ -214,6 +224,8 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     frames = []
     models = evaluated_models(profile, run_dir)
     for label, path in models.items():
+        if path is None:
+            torch.manual_seed(profile.seed)  # the same base weights stage 1 started from
         encoder = load_encoder(profile.model) if path is None else encoder_from_checkpoint(path, profile.model)
         variants = {label: encoder}
         if label == list(models)[-1]:

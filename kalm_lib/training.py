@@ -116,13 +116,16 @@ def train_stage(
         else:
             loss = batch_loss(model, encoder, batch, loss_fn)
             accelerator.backward(loss)
+        # Each process holds the loss of its shard; their mean is the global batch's loss (equal
+        # shards). Every process logs and checks that value, so all stop together on a NaN.
+        loss = accelerator.reduce(loss.detach(), reduction="mean")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (set {name}); stopping")
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "set": name, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        record = {"step": step + 1, "set": name, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         if on_log and (step + 1) % max(cfg.log_every, 1) == 0:
             on_log(record)

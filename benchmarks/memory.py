@@ -1,0 +1,171 @@
+"""Peak memory of one kalm_lib training step vs batch size, with and without GradCache.
+
+Each configuration runs in a fresh child process (``--child``): load the packaged all-MiniLM-L6-v2
+and one batch of real (gloss -> lemma) pairs, note the baseline, then run ``train_stage`` for one
+step and read the peak in its ``on_log`` callback (after the optimizer step, before the final
+save). CPU: the peak resident set (``VmHWM``, reset to the current RSS by writing 5 to
+``/proc/self/clear_refs`` just before the step; ``ru_maxrss`` where that reset is refused, which
+then also holds the loading peak). CUDA: ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``. ``delta_mib`` = peak - baseline: activations, gradients, AdamW state
+and temporaries of the step. Without GradCache a batch is skipped when the previous size's delta,
+scaled linearly, would exceed half the free memory.
+
+    python -m benchmarks.memory [--quick] [--out DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kalm_lib.config import REPO_ROOT, TrainConfig
+from kalm_lib.training import train_stage
+
+from .common import device, headline, kalm_encoder, load_pairs, out_dir, parser, set_threads, write_result
+
+NAME = "memory"
+GOAL = 1.2
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One child-process measurement."""
+
+    batch_size: int
+    mini_batch_size: int
+    max_length: int
+    threads: int
+    seed: int
+
+
+class PeakMeter:
+    """Baseline and peak memory of this process around one training step."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.peak_mib = 0.0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.method = "torch.cuda.max_memory_allocated"
+            self.baseline_mib = torch.cuda.memory_allocated() / MIB
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "ru_maxrss (includes the loading peak)"
+        self.baseline_mib = _proc_status_kib("VmRSS") / 1024
+
+    def read(self, *_: object) -> None:
+        """Record the peak so far (train_stage's ``on_log``)."""
+        if self.cuda:
+            self.peak_mib = torch.cuda.max_memory_allocated() / MIB
+        elif self.method.startswith("VmHWM"):
+            self.peak_mib = _proc_status_kib("VmHWM") / 1024
+        else:
+            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def free_mib() -> float:
+    """Memory still available: free device memory on CUDA, ``MemAvailable`` on Linux."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] / MIB
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("MemAvailable")
+
+
+def child(probe: Probe) -> dict[str, Any]:
+    """Run one training step in this (fresh) process and return its memory figures."""
+    set_threads(probe.threads)
+    frame, card = load_pairs(probe.batch_size, probe.seed)
+    encoder = kalm_encoder(probe.max_length).to(device())
+    cfg = TrainConfig(steps=1, batch_size=probe.batch_size, mini_batch_size=probe.mini_batch_size, warmup_ratio=0.0, log_every=1)
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-") as work:
+        meter = PeakMeter()
+        train_stage(encoder, {card.name: (frame, card)}, cfg, Path(work), probe.seed, on_log=meter.read)
+    return {"baseline_mib": meter.baseline_mib, "peak_mib": meter.peak_mib,
+            "delta_mib": meter.peak_mib - meter.baseline_mib, "method": meter.method}
+
+
+def measure(probe: Probe) -> dict[str, Any]:
+    """Run :func:`child` in a fresh interpreter; an ``error`` entry if it failed (e.g. killed for memory)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(asdict(probe))],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    if done.returncode:
+        return {**asdict(probe), "error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
+    return {**asdict(probe), **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def sweep(sizes: list[int], mini_batch_size: int, max_length: int, threads: int, seed: int) -> list[dict[str, Any]]:
+    """Measure every batch size; without GradCache, skip sizes predicted to exhaust memory."""
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        done = [r for r in rows if "delta_mib" in r]
+        if not mini_batch_size and done:
+            predicted = done[-1]["delta_mib"] * size / done[-1]["batch_size"]
+            if predicted > free_mib() / 2:
+                rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": f"predicted delta {predicted:.0f} MiB > half the free memory"})
+                continue
+        rows.append(measure(Probe(size, mini_batch_size, max_length, threads, seed)))
+    return rows
+
+
+def ratio(rows: list[dict[str, Any]], key: str) -> float | None:
+    """``key`` at the largest measured batch over ``key`` at the smallest; None if fewer than two."""
+    done = [r for r in rows if key in r]
+    return done[-1][key] / done[0][key] if len(done) > 1 else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Sweep batch sizes with and without GradCache and write ``memory.json``."""
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--child", default=None, help="internal: a JSON Probe to measure in this process")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(Probe(**json.loads(args.child)))))
+        return {}
+    out = out_dir(args)
+    threads = set_threads(args.threads)
+    sizes = [8, 16] if args.quick else [32, 64, 128, 256, 512, 1024]
+    mini = 8 if args.quick else 32
+    max_length = 16 if args.quick else 64
+    raw = {
+        "gradcache": sweep(sizes, mini, max_length, threads, args.seed),
+        "plain": sweep(sizes, 0, max_length, threads, args.seed),
+    }
+    ratios = {mode: {"delta": ratio(rows, "delta_mib"), "peak": ratio(rows, "peak_mib")} for mode, rows in raw.items()}
+    largest, smallest = sizes[-1], sizes[0]
+    summary = {
+        "rows": [headline(f"step memory delta({largest})/delta({smallest}) with GradCache", ratios["gradcache"]["delta"], GOAL, higher_is_better=False),
+                 headline(f"step memory delta({largest})/delta({smallest}) without GradCache", ratios["plain"]["delta"])],
+        "ratios": ratios,
+        "device": str(device()),
+    }
+    settings = {"batch_sizes": sizes, "mini_batch_size": mini, "max_length": max_length, "threads": threads,
+                "seed": args.seed, "quick": args.quick, "step": "train_stage, 1 step, AdamW (state allocated in the step)"}
+    return write_result(out, NAME, settings, raw, summary)
+
+
+if __name__ == "__main__":
+    main()

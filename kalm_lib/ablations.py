@@ -1,0 +1,132 @@
+"""Ablation grid: run recipe variants through the notebook series and compare them across seeds.
+
+A grid YAML names a base profile and variants as dotted overrides::
+
+    profile: cpu
+    reference: full_recipe
+    variants:
+      full_recipe: {}
+      no_focal: {finetune.focal_gamma: 0.0}
+
+Each variant is a real papermill run of the series. A variant that changes nothing upstream of
+stage 2 (no ``data.*``, ``model.*`` or ``pretrain.*`` key) reuses the reference run's curated data
+and stage-1 checkpoint, so the comparison isolates the stage-2 trick and costs only stage 2.
+Seeds are the profile's ``finetune.seeds``: every variant trains the same seeds, so deltas are paired.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from .config import ConfigError, load_profile
+from .runner import run_series
+
+UPSTREAM_SECTIONS = ("data.", "model.", "pretrain.", "seed")
+SINGLE_PREFIX = "stage2_seed"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed ablation grid."""
+
+    profile: str
+    reference: str
+    variants: dict[str, dict[str, Any]]
+
+
+def load_grid(path: Path) -> Grid:
+    """Read and validate a grid YAML (every variant's overrides are checked against the profile)."""
+    if not path.is_file():
+        raise ConfigError(f"grid file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - {"profile", "reference", "variants"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid field(s) {unknown}")
+    variants = raw.get("variants") or {}
+    reference = raw.get("reference", "")
+    if reference not in variants:
+        raise ConfigError(f"{path}: 'reference' must name one of the variants {sorted(variants)}")
+    for name, overrides in variants.items():
+        load_profile(raw.get("profile", "cpu"), overrides or {})
+    return Grid(raw.get("profile", "cpu"), reference, {k: dict(v or {}) for k, v in variants.items()})
+
+
+def needs_own_upstream(overrides: dict[str, Any]) -> bool:
+    """True when a variant changes curation, the model or stage 1."""
+    return any(key.startswith(UPSTREAM_SECTIONS) for key in overrides)
+
+
+def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
+    """Run every variant (reference first) into ``runs_dir/name/<variant>``; return the grid folder."""
+    folder = runs_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = folder / grid.reference
+    if not reference.exists():
+        run_series(grid.profile, folder, grid.reference, grid.variants[grid.reference])
+    for variant, overrides in grid.variants.items():
+        if variant == grid.reference or (folder / variant).exists():
+            continue
+        reuse = None if needs_own_upstream(overrides) else reference
+        run_series(grid.profile, folder, variant, overrides, reuse_from=reuse)
+    (folder / "grid.json").write_text(json.dumps({"profile": grid.profile, "reference": grid.reference, "variants": grid.variants}, indent=1))
+    return folder
+
+
+def collect(grid_dir: Path) -> pd.DataFrame:
+    """Main scores of every variant's runs: columns variant, model, seed, task, score."""
+    frames = []
+    for scores_path in sorted(grid_dir.glob("*/metrics/mteb_scores.csv")):
+        variant = scores_path.parent.parent.name
+        scores = pd.read_csv(scores_path)
+        main = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"})
+        frames.append(main.assign(variant=variant))
+    if not frames:
+        raise FileNotFoundError(f"no runs with metrics/mteb_scores.csv under {grid_dir}")
+    table = pd.concat(frames, ignore_index=True)
+    table["seed"] = table["model"].str.extract(rf"^{SINGLE_PREFIX}(\d+)$")[0].astype("Int64")
+    return table
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval (nan half-width for n < 2)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def seed_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per variant and task: mean single-checkpoint score and its paired delta vs the reference."""
+    singles = table.dropna(subset=["seed"])
+    averaged = singles.groupby(["variant", "seed"])["score"].mean().reset_index().assign(task="average")
+    singles = pd.concat([singles[["variant", "seed", "task", "score"]], averaged], ignore_index=True)
+    base = singles[singles["variant"] == reference].set_index(["task", "seed"])["score"]
+    rows = []
+    for (variant, task), group in singles.groupby(["variant", "task"]):
+        paired = group.set_index("seed")["score"] - base.loc[task].reindex(group["seed"]).to_numpy()
+        mean, half = mean_ci(group["score"].to_numpy())
+        delta, delta_half = mean_ci(paired.to_numpy())
+        rows.append({"variant": variant, "task": task, "seeds": len(group), "score": mean, "ci95": half,
+                     "delta_vs_reference": delta, "delta_ci95": delta_half})
+    return pd.DataFrame(rows)
+
+
+def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and task: each soup's score against the best single stage-2 checkpoint."""
+    rows = []
+    for (variant, task), group in table.groupby(["variant", "task"]):
+        singles = group[group["seed"].notna()]["score"]
+        for _, soup in group[group["model"].str.fullmatch(r"soup_[a-z]+")].iterrows():
+            rows.append({"variant": variant, "task": task, "soup": soup["model"], "soup_score": soup["score"],
+                         "best_single": singles.max(), "mean_single": singles.mean(),
+                         "soup_minus_best": soup["score"] - singles.max()})
+    return pd.DataFrame(rows)

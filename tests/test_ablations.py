@@ -1,0 +1,88 @@
+"""Ablation grid: parsing, result collection and the paired statistics, checked by hand."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kalm_lib.ablations import collect, load_grid, mean_ci, needs_own_upstream, seed_deltas, soup_vs_best_single
+from kalm_lib.config import REPO_ROOT, ConfigError
+
+
+def test_shipped_grids_validate():
+    grid = load_grid(REPO_ROOT / "kalm_lib" / "grids" / "cpu-ablations.yaml")
+    assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
+    assert {"no_focal", "no_mixing", "no_stage1", "last_token_pooling"} <= set(grid.variants)
+    assert "causal_attention" in load_grid(REPO_ROOT / "kalm_lib" / "grids" / "gpu-ablations.yaml").variants
+
+
+def test_bad_grids_are_rejected(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("profile: tiny\nreference: full\nvariants: {full: {}, bad: {finetune.gama: 1}}\n")
+    with pytest.raises(ConfigError, match="gama"):
+        load_grid(path)
+    path.write_text("profile: tiny\nreference: missing\nvariants: {full: {}}\n")
+    with pytest.raises(ConfigError, match="'reference'"):
+        load_grid(path)
+    with pytest.raises(ConfigError, match="grid file not found"):
+        load_grid(tmp_path / "nope.yaml")
+
+
+def test_upstream_detection():
+    assert not needs_own_upstream({"finetune.focal_gamma": 0.0})
+    assert needs_own_upstream({"pretrain.enabled": False})
+    assert needs_own_upstream({"model.pooling": "last"})
+
+
+def test_mean_ci_matches_hand_computation():
+    mean, half = mean_ci(np.array([1.0, 2.0, 3.0]))
+    # sd = 1, n = 3, t(0.975, 2) = 4.302653
+    assert mean == 2.0 and half == pytest.approx(4.302653 / np.sqrt(3), rel=1e-6)
+    assert np.isnan(mean_ci(np.array([5.0]))[1])
+
+
+def write_scores(run: "Path", rows):
+    (run / "metrics").mkdir(parents=True)
+    frame = pd.DataFrame(rows, columns=["stage", "task", "score"]).assign(is_main=True, metric="m")
+    frame.to_csv(run / "metrics" / "mteb_scores.csv", index=False)
+
+
+@pytest.fixture
+def grid_dir(tmp_path):
+    write_scores(tmp_path / "full", [
+        ("stage2_seed0", "A", 0.50), ("stage2_seed1", "A", 0.60), ("soup_uniform", "A", 0.62), ("base", "A", 0.1),
+        ("stage2_seed0", "B", 0.30), ("stage2_seed1", "B", 0.40), ("soup_uniform", "B", 0.35),
+    ])
+    write_scores(tmp_path / "ablated", [
+        ("stage2_seed0", "A", 0.45), ("stage2_seed1", "A", 0.50), ("soup_uniform", "A", 0.49),
+        ("stage2_seed0", "B", 0.30), ("stage2_seed1", "B", 0.30), ("soup_uniform", "B", 0.31),
+    ])
+    return tmp_path
+
+
+def test_collect_reads_every_variant(grid_dir):
+    table = collect(grid_dir)
+    assert set(table["variant"]) == {"full", "ablated"}
+    assert table.loc[table["model"] == "stage2_seed1", "seed"].unique().tolist() == [1]
+    assert table.loc[table["model"] == "base", "seed"].isna().all()
+
+
+def test_seed_deltas_are_paired(grid_dir):
+    deltas = seed_deltas(collect(grid_dir), "full").set_index(["variant", "task"])
+    row = deltas.loc[("ablated", "A")]
+    assert row["score"] == pytest.approx(0.475)
+    assert row["delta_vs_reference"] == pytest.approx(-0.075)  # paired diffs -0.05, -0.10
+    assert row["delta_ci95"] == pytest.approx(12.706205 * 0.0353553 / np.sqrt(2), rel=1e-4)
+    avg = deltas.loc[("ablated", "average")]
+    assert avg["delta_vs_reference"] == pytest.approx(((0.375 - 0.40) + (0.40 - 0.50)) / 2)
+    assert deltas.loc[("full", "B"), "delta_vs_reference"] == 0.0
+
+
+def test_soup_vs_best_single(grid_dir):
+    soups = soup_vs_best_single(collect(grid_dir)).set_index(["variant", "task"])
+    assert soups.loc[("full", "A"), "soup_minus_best"] == pytest.approx(0.02)
+    assert soups.loc[("full", "B"), "soup_minus_best"] == pytest.approx(-0.05)
+
+
+def test_collect_without_runs_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no runs"):
+        collect(tmp_path)

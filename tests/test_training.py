@@ -1,0 +1,214 @@
+"""One training stage on the tiny profile: exact resume, NaN stop, numerics switches, saved folder.
+
+The curated tiny run folder is built once per session (about 10 s) and shared by these tests and
+``test_distributed.py`` (same folder under pytest's session temp dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kalm_lib import training
+from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
+from kalm_lib.config import Profile, TrainConfig
+from kalm_lib.curation import load_train_sets
+from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
+from kalm_lib.pipeline import open_run, run_curation
+from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, train_stage
+
+TEXTS = ["a bank lends money", "the bank of the river was steep", "run", "to move fast on foot"]
+
+
+def curated_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's curated tiny run folder (curated on first use, then reused)."""
+    run = tmp_path_factory.getbasetemp() / "curated-tiny"
+    if not (run / "data" / ".complete").exists():
+        profile, run = open_run("tiny", run)
+        run_curation(profile, run)
+        (run / "data" / ".complete").touch()
+    return run
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Profile, Path]:
+    run = curated_tiny_run(tmp_path_factory)
+    profile, _ = open_run("tiny", run)
+    return profile, run
+
+
+@pytest.fixture(scope="module")
+def finetune_sets(curated: tuple[Profile, Path]) -> TrainSets:
+    return load_train_sets(curated[1] / "data", "finetune")
+
+
+def fresh_encoder(profile: Profile, **model: object) -> Encoder:
+    """The tiny random encoder, always with the same initial weights."""
+    torch.manual_seed(1234)
+    return load_encoder(dataclasses.replace(profile.model, **model))
+
+
+def parameters_equal(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> bool:
+    pairs = list(zip(a.state_dict().values(), b.state_dict().values()))
+    return len(pairs) > 0 and all(torch.allclose(x, y, rtol=0, atol=atol) if atol else torch.equal(x, y) for x, y in pairs)
+
+
+def first_batch(sets: TrainSets, cfg: TrainConfig) -> Batch:
+    name, rows = batch_plan({n: len(f) for n, (f, _) in sets.items()}, cfg.batch_size, 1, 0)[0]
+    frame, card = sets[name]
+    return make_batch(frame, card, rows, negatives_per_query(frame, 10**9), 0, 1)
+
+
+# --- exact resume ------------------------------------------------------------------------------
+
+def test_resume_from_state_is_exact_with_mixing_optimizer_and_scheduler(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    cfg = dataclasses.replace(profile.finetune, steps=6, warmup_ratio=0.5)  # lr still warming up at the cut
+    assert cfg.hard_negative_mixing and cfg.focal_gamma > 0
+
+    whole = fresh_encoder(profile)
+    full = train_stage(whole, finetune_sets, cfg, tmp_path / "full", seed=5)
+
+    first = train_stage(fresh_encoder(profile), finetune_sets, cfg, tmp_path / "cut", seed=5, stop_after=3)
+    state = tmp_path / "cut" / "state_3"
+    assert first.final_dir is None and not (tmp_path / "cut" / "final").exists()
+    assert json.loads((state / "progress.json").read_text())["step"] == 3
+    assert {"optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= {p.name for p in state.iterdir()}
+
+    resumed_encoder = fresh_encoder(profile)  # a new process would start from the initial weights
+    resumed = train_stage(resumed_encoder, finetune_sets, cfg, tmp_path / "cut", seed=5, resume_from=state)
+
+    assert parameters_equal(whole, resumed_encoder)
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+    assert [(h["set"], h["loss"], h["lr"]) for h in resumed.history] == [(h["set"], h["loss"], h["lr"]) for h in full.history]
+    assert resumed.final_dir == tmp_path / "cut" / "final" and resumed.final_dir.is_dir()
+
+
+def test_mixing_draws_from_the_torch_rng_so_resume_must_restore_it(curated) -> None:
+    # Why the resume test above is not trivially exact: the synthetic negatives change with the RNG.
+    loss_fn = build_loss(curated[0].finetune)
+    g = torch.Generator().manual_seed(0)
+    q, p, n = (torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in ((4, 8), (4, 8), (4, 2, 8)))
+    values = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        values.append(loss_fn(q, p, n).item())
+    assert values[0] != values[1]
+
+
+# --- NaN stop ----------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_the_step(curated, finetune_sets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    profile, _ = curated
+    calls = []
+    real = training.batch_loss
+
+    def nan_on_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training, "batch_loss", nan_on_second_step)
+    with pytest.raises(FloatingPointError, match="at step 2 "):
+        train_stage(fresh_encoder(profile), finetune_sets, profile.finetune, tmp_path, seed=0)
+    assert not (tmp_path / "final").exists()
+
+
+def test_absurd_temperature_stops_at_the_first_step(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    cfg = dataclasses.replace(profile.finetune, temperature=1e-45)  # logits overflow to inf
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1 "):
+        train_stage(fresh_encoder(profile), finetune_sets, cfg, tmp_path, seed=0)
+    assert not (tmp_path / "final").exists()
+
+
+# --- gradient checkpointing and bf16 switches --------------------------------------------------
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(curated, finetune_sets) -> None:
+    profile, _ = curated
+    batch = first_batch(finetune_sets, profile.finetune)
+    results = {}
+    for checkpointing in (False, True):
+        encoder = fresh_encoder(profile, gradient_checkpointing=checkpointing)
+        layer_calls = []
+        encoder.backbone.layers[0].self_attn.register_forward_hook(lambda *_: layer_calls.append(1))
+        encoder.train()
+        torch.manual_seed(0)  # same mixing draws
+        loss = batch_loss(encoder, encoder, batch, build_loss(profile.finetune))
+        loss.backward()
+        results[checkpointing] = (loss.detach(), [p.grad.clone() for p in encoder.parameters()], len(layer_calls))
+    (loss_plain, grads_plain, calls_plain), (loss_ckpt, grads_ckpt, calls_ckpt) = results[False], results[True]
+    assert (calls_plain, calls_ckpt) == (1, 2)  # checkpointing re-ran the layer in backward
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=1e-5)
+    for plain, ckpt in zip(grads_plain, grads_ckpt):
+        torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_training_run_on_cpu(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    cfg = dataclasses.replace(profile.finetune, steps=2)
+    plain, ckpt = fresh_encoder(profile), fresh_encoder(profile, gradient_checkpointing=True)
+    a = train_stage(plain, finetune_sets, cfg, tmp_path / "plain", seed=0)
+    b = train_stage(ckpt, finetune_sets, cfg, tmp_path / "ckpt", seed=0)
+    assert b.final_dir.is_dir()
+    np.testing.assert_allclose([h["loss"] for h in b.history], [h["loss"] for h in a.history], rtol=0, atol=1e-5)
+    assert parameters_equal(plain, ckpt, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 autocast is real on CUDA")
+def test_bf16_is_a_no_op_on_cpu(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    assert make_accelerator(True).mixed_precision == "no"
+    assert make_accelerator(False).mixed_precision == "no"
+    cfg = dataclasses.replace(profile.finetune, steps=2)
+    runs = {}
+    for bf16 in (False, True):
+        model = dataclasses.replace(profile.model, bf16=bf16)
+        torch.manual_seed(1234)
+        encoder = load_encoder(model)
+        runs[bf16] = (encoder, train_stage(encoder, finetune_sets, cfg, tmp_path / str(bf16), seed=0, bf16=model.bf16))
+    assert parameters_equal(runs[False][0], runs[True][0])
+    assert runs[False][1].history == runs[True][1].history
+
+
+# --- the saved folder --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(curated, finetune_sets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Encoder, Path]:
+    profile, _ = curated
+    encoder = fresh_encoder(profile)
+    out = tmp_path_factory.mktemp("trained")
+    result = train_stage(encoder, finetune_sets, dataclasses.replace(profile.finetune, steps=2), out, seed=0)
+    return encoder, result.final_dir
+
+
+def test_final_folder_loads_with_sentence_transformers(curated, trained) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    encoder, final = trained
+    model = SentenceTransformer(str(final), device="cpu")
+    embeddings = model.encode(TEXTS)
+    assert embeddings.shape == (len(TEXTS), encoder.backbone.config.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    # Embedding equality with sentence-transformers is tested on the real MiniLM (test_encoder):
+    # AutoTokenizer swaps this tiny qwen2 checkpoint's WordPiece tokenizer for Qwen2Tokenizer.
+
+
+def test_final_folder_reloads_the_trained_weights(curated, trained) -> None:
+    encoder, final = trained
+    reloaded = encoder_from_checkpoint(final, curated[0].model)
+    assert parameters_equal(encoder.backbone, reloaded.backbone)
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.embed(TEXTS), encoder.embed(TEXTS), rtol=0, atol=1e-6)
+
+
+def test_final_folder_tokenizes_like_the_trained_encoder(curated, trained) -> None:
+    encoder, final = trained
+    reloaded = encoder_from_checkpoint(final, curated[0].model)
+    assert reloaded.tokenize(TEXTS)["input_ids"].tolist() == encoder.tokenize(TEXTS)["input_ids"].tolist()
