@@ -90,10 +90,35 @@ def main(argv: list[str] | None = None) -> int:
                        help="finetune: train only this seed (default: every finetune.seeds); pretrain: the stage-1 seed")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile parameter, e.g. --set pretrain.steps=10")
+    grid = sub.add_parser("grid", help="run an ablation grid (every variant through the notebook series) and its report")
+    grid.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. kalm_lib/grids/cpu-ablations.yaml")
+    grid.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
+    grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "grid":
+        return _grid(args)
     return _run(args)
+
+
+def _grid(args: argparse.Namespace) -> int:
+    """``grid`` subcommand."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from .ablations import load_grid, run_grid
+
+    try:
+        folder = run_grid(load_grid(args.grid), args.runs_dir, args.name)
+    except (ConfigError, DataCardError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PapermillExecutionError as exc:
+        print(f"error in notebook cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
+        return 1
+    print(f"grid complete: {folder}")
+    print(f"report: {folder / 'report.html'}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

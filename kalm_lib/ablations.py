@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from .config import ConfigError, load_profile
-from .runner import run_series
+from .config import REPO_ROOT, ConfigError, load_profile
+from .manifest import git_state, machine_info, package_versions
+from .runner import NOTEBOOKS_DIR, REPORT_NOTEBOOK, execute, render_report, run_series
 
 UPSTREAM_SECTIONS = ("data.", "model.", "pretrain.", "seed")
 SINGLE_PREFIX = "stage2_seed"
@@ -64,6 +66,11 @@ def needs_own_upstream(overrides: dict[str, Any]) -> bool:
     return any(key.startswith(UPSTREAM_SECTIONS) for key in overrides)
 
 
+def variant_eval_overrides(reused: bool) -> dict[str, Any]:
+    """Variants skip the compressed-embedding scores, and base/stage 1 when those are reused."""
+    return {"evaluation.matryoshka_dims": [], "evaluation.quantizations": [], "evaluation.skip_upstream_models": reused}
+
+
 def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
     """Run every variant (reference first) into ``runs_dir/name/<variant>``; return the grid folder."""
     folder = runs_dir / name
@@ -75,24 +82,36 @@ def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
         if variant == grid.reference or (folder / variant).exists():
             continue
         reuse = None if needs_own_upstream(overrides) else reference
-        run_series(grid.profile, folder, variant, overrides, reuse_from=reuse)
-    (folder / "grid.json").write_text(json.dumps({"profile": grid.profile, "reference": grid.reference, "variants": grid.variants}, indent=1))
+        run_series(grid.profile, folder, variant, {**overrides, **variant_eval_overrides(reuse is not None)}, reuse_from=reuse)
+    report = folder / "report.ipynb"
+    parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],
+                  "grid_dir": str(folder.resolve()), "grid_reference": grid.reference}
+    seconds = execute(NOTEBOOKS_DIR / REPORT_NOTEBOOK, report, parameters)
+    render_report(report, folder / "report.html")
+    manifest = {
+        "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants},
+        "runs": {variant: f"{variant}/manifest.json" for variant in grid.variants},
+        "git": git_state(REPO_ROOT), "packages": package_versions(), "machine": machine_info(),
+        "report_seconds": seconds, "finished_utc": datetime.now(timezone.utc).isoformat(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return folder
 
 
-def collect(grid_dir: Path) -> pd.DataFrame:
-    """Main scores of every variant's runs: columns variant, model, seed, task, score."""
-    frames = []
-    for scores_path in sorted(grid_dir.glob("*/metrics/mteb_scores.csv")):
-        variant = scores_path.parent.parent.name
-        scores = pd.read_csv(scores_path)
-        main = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"})
-        frames.append(main.assign(variant=variant))
-    if not frames:
-        raise FileNotFoundError(f"no runs with metrics/mteb_scores.csv under {grid_dir}")
-    table = pd.concat(frames, ignore_index=True)
+def run_scores(run_dir: Path, variant: str) -> pd.DataFrame:
+    """Main scores of one run: columns variant, model, seed (stage-2 seed or <NA>), task, score."""
+    scores = pd.read_csv(run_dir / "metrics" / "mteb_scores.csv")
+    table = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"}).assign(variant=variant)
     table["seed"] = table["model"].str.extract(rf"^{SINGLE_PREFIX}(\d+)$")[0].astype("Int64")
-    return table
+    return table.reset_index(drop=True)
+
+
+def collect(grid_dir: Path) -> pd.DataFrame:
+    """Main scores of every variant run under ``grid_dir``."""
+    runs = sorted(path.parent.parent for path in grid_dir.glob("*/metrics/mteb_scores.csv"))
+    if not runs:
+        raise FileNotFoundError(f"no runs with metrics/mteb_scores.csv under {grid_dir}")
+    return pd.concat([run_scores(run, run.name) for run in runs], ignore_index=True)
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -104,6 +104,7 @@ class EvalConfig:
     batch_size: int = 128
     matryoshka_dims: list[int] = field(default_factory=list)
     quantizations: list[str] = field(default_factory=list)
+    skip_upstream_models: bool = False
 
 
 @dataclass(frozen=True)

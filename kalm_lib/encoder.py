@@ -92,7 +92,7 @@ def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
             "(an encoder, or a decoder checkpoint saved with is_causal=false)"
         )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -120,6 +120,10 @@ class Encoder(nn.Module):
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
+    def features(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Tokenised texts on the encoder's device."""
+        return {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """Embeddings [B, H] (float32, unit norm) for tokenised features."""
         hidden = self.backbone(**features).last_hidden_state
@@ -127,8 +131,7 @@ class Encoder(nn.Module):
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Tokenise and embed one batch of texts on the encoder's device (keeps the graph)."""
-        features = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        return self(features)
+        return self(self.features(texts))
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:

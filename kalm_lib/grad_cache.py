@@ -45,13 +45,13 @@ def cached_backward(
     accelerator: Accelerator,
 ) -> Tensor:
     """Backpropagate the batch loss through ``model`` chunk by chunk; return the detached loss."""
-    texts = batch.queries + batch.positives + batch.negatives
-    chunks = [texts[i : i + mini_batch_size] for i in range(0, len(texts), mini_batch_size)]
+    groups = (batch.queries, batch.positives, batch.negatives)
+    chunks = [g[i : i + mini_batch_size] for g in groups for i in range(0, len(g), mini_batch_size)]
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(_RngState())
-            cached.append(model(_features(encoder, chunk)))
+            cached.append(model(encoder.features(chunk)))
     embeddings = torch.cat(cached).detach().requires_grad_()
     loss = loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
     # Captured after the loss: its random draws (hard-negative mixing without a generator) must not
@@ -63,11 +63,7 @@ def cached_backward(
         state.restore()
         sync = nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(model)
         with sync:
-            model(_features(encoder, chunk)).backward(grad)
+            model(encoder.features(chunk)).backward(grad)
     after.restore()
     return loss.detach()
 
-
-def _features(encoder: Encoder, texts: list[str]) -> dict[str, Tensor]:
-    """Tokenised texts on the encoder's device."""
-    return {k: v.to(encoder.device) for k, v in encoder.tokenize(texts).items()}

@@ -209,7 +209,9 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
 
 def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     """Model label -> checkpoint folder (None = the base model from the profile)."""
-    models: dict[str, Path | None] = {"base": None, "stage1": stage1_dir(run_dir)}
+    models: dict[str, Path | None] = {}
+    if not profile.evaluation.skip_upstream_models:
+        models.update({"base": None, "stage1": stage1_dir(run_dir)})
     models.update({path.parent.name: path for path in stage2_dirs(run_dir)})
     soups = {f"soup_{m}": run_dir / "checkpoints" / f"soup_{m}" for m in profile.soup.methods}
     models.update({label: path for label, path in soups.items() if path.is_dir()})

@@ -62,3 +62,24 @@ def plot_curation(summary: pd.DataFrame) -> plt.Figure:
     axis.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def compressed_scores(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the main-score table for compressed embeddings (``model@dimN``, ``model@int8``...)
+    next to the full-precision row of the same model, with the change against it."""
+    compressed = table[table.index.str.contains("@")]
+    if compressed.empty:
+        return compressed
+    full = table.loc[compressed.index.str.split("@").str[0]]
+    return pd.concat({"score": compressed, "change_vs_full": compressed - full.to_numpy()}, axis=1)
+
+
+def plot_deltas(deltas: pd.DataFrame, reference: str) -> plt.Figure:
+    """Paired change of the average main score against the reference, with 95% CIs over seeds."""
+    average = deltas[(deltas["task"] == "average") & (deltas["variant"] != reference)].sort_values("delta_vs_reference")
+    fig, axis = plt.subplots(figsize=(8, 0.5 + 0.45 * len(average)))
+    axis.barh(average["variant"], average["delta_vs_reference"], xerr=average["delta_ci95"].fillna(0), color="tab:blue", capsize=3)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set(xlabel=f"change of average main score vs {reference} (single checkpoints, 95% CI over seeds)")
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,7 @@ notebook has run, the report is rendered and ``manifest.json`` is written: a fol
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -42,6 +43,36 @@ def render_report(executed: Path, html_path: Path) -> Path:
     return html_path
 
 
+UPSTREAM_NOTEBOOKS = ("00_data_curation", "01_bidirectional_conversion", "02_pretraining")
+UPSTREAM_OUTPUTS = ("data", "checkpoints/stage1", "metrics/bidirectional_check.csv", "metrics/stage1_history.json")
+
+
+def reuse_upstream(source: Path, work: Path) -> list[str]:
+    """Hard-link curation and stage-1 outputs (and their executed notebooks) from a finished run."""
+    for relative in UPSTREAM_OUTPUTS:
+        origin = source / relative
+        if not origin.exists():
+            raise FileNotFoundError(f"cannot reuse {source}: {relative} is missing")
+        target = work / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_dir():
+            shutil.copytree(origin, target, copy_function=os.link)
+        else:
+            os.link(origin, target)
+    for stem in UPSTREAM_NOTEBOOKS:
+        shutil.copy2(source / "notebooks" / f"{stem}.ipynb", work / "notebooks" / f"{stem}.ipynb")
+    return list(UPSTREAM_NOTEBOOKS)
+
+
+def execute(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str = "python3") -> float:
+    """Execute one notebook with papermill (cwd = repo root); return its wall time in seconds."""
+    began = time.perf_counter()
+    papermill.execute_notebook(
+        str(notebook), str(output), parameters=parameters, kernel_name=kernel_name, cwd=str(REPO_ROOT), progress_bar=False
+    )
+    return round(time.perf_counter() - began, 2)
+
+
 def run_series(
     profile: str,
     runs_dir: Path,
@@ -49,8 +80,13 @@ def run_series(
     overrides: dict[str, Any] | None = None,
     notebooks: list[Path] | None = None,
     kernel_name: str = "python3",
+    reuse_from: Path | None = None,
 ) -> Path:
-    """Run every notebook for ``profile``; return the completed run folder."""
+    """Run every notebook for ``profile``; return the completed run folder.
+
+    With ``reuse_from`` (a finished run of the same data and stage-1 settings), notebooks 00-02 are
+    not re-executed: their outputs are hard-linked from that run and the manifest says so.
+    """
     overrides = dict(overrides or {})
     resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
     if not resolved.model.random_init:
@@ -64,17 +100,11 @@ def run_series(
     (work / "notebooks").mkdir(parents=True)
     timings = {}
     started = datetime.now(timezone.utc).isoformat()
+    reused = reuse_upstream(reuse_from, work) if reuse_from else []
+    parameters = {"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides}
     for notebook in notebooks or notebook_series():
-        began = time.perf_counter()
-        papermill.execute_notebook(
-            str(notebook),
-            str(work / "notebooks" / notebook.name),
-            parameters={"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides},
-            kernel_name=kernel_name,
-            cwd=str(REPO_ROOT),
-            progress_bar=False,
-        )
-        timings[notebook.stem] = round(time.perf_counter() - began, 2)
+        if notebook.stem not in reused:
+            timings[notebook.stem] = execute(notebook, work / "notebooks" / notebook.name, parameters, kernel_name)
     report = work / "notebooks" / REPORT_NOTEBOOK
     if report.exists():
         render_report(report, work / "report.html")
@@ -90,6 +120,7 @@ def run_series(
         "packages": package_versions(),
         "machine": machine_info(),
         "data_sha256": data_hashes(work),
+        "reused_from": {"run": str(reuse_from), "notebooks": reused} if reuse_from else None,
         "wall_seconds": timings,
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))

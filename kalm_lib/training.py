@@ -59,10 +59,11 @@ def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
 
 
 def batch_loss(model: torch.nn.Module, encoder: Encoder, batch: Batch, loss_fn: KalmContrastiveLoss) -> torch.Tensor:
-    """Loss of one batch from a single forward pass over all its texts (graph kept)."""
-    texts = batch.queries + batch.positives + batch.negatives
-    features = {k: v.to(encoder.device) for k, v in encoder.tokenize(texts).items()}
-    return loss_fn.from_stacked(model(features), len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
+    """Loss of one batch, graph kept. Queries, positives and negatives are embedded in separate
+    forward passes, each padded only to its own longest text (definitions vs single words)."""
+    groups = [texts for texts in (batch.queries, batch.positives, batch.negatives) if texts]
+    embeddings = torch.cat([model(encoder.features(texts)) for texts in groups])
+    return loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
 
 
 def _save_progress(state_dir: Path, accelerator: Accelerator, step: int, history: list[dict]) -> None:

@@ -17,12 +17,6 @@ EXPECTED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """One complete tiny run of all seven notebooks (about a minute on 2 cores)."""
-    return run_series("tiny", tmp_path_factory.mktemp("runs"), name="tiny")
-
-
 def test_series_is_ordered_and_parameterised():
     series = notebook_series()
     assert [path.stem for path in series] == EXPECTED
