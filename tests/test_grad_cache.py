@@ -16,7 +16,7 @@ import torch
 from kalm_lib.batching import Batch
 from kalm_lib.config import ModelConfig
 from kalm_lib.encoder import load_encoder
-from kalm_lib.grad_cache import _features, cached_backward
+from kalm_lib.grad_cache import cached_backward
 from kalm_lib.hard_negative_mixing import MixingConfig
 from kalm_lib.losses import KalmContrastiveLoss
 from kalm_lib.training import batch_loss, make_accelerator
@@ -108,7 +108,7 @@ def test_cached_backward_leaves_rng_as_an_uncached_step_would(qwen2, accelerator
     torch.manual_seed(123)
     start = torch.get_rng_state()
     with torch.no_grad():
-        qwen2(_features(qwen2, batch.queries))
+        qwen2(qwen2.features(batch.queries))
     assert torch.equal(start, torch.get_rng_state())  # the tiny Qwen2 forward draws nothing
 
     torch.manual_seed(123)
@@ -138,13 +138,13 @@ def test_cached_backward_replays_dropout(minilm, accelerator):
     batch = make_batch()
     loss_fn = KalmContrastiveLoss(0.05, 1.0)
     size = 5
-    texts = batch.queries + batch.positives + batch.negatives
-    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    groups = (batch.queries, batch.positives, batch.negatives)
+    chunks = [g[i : i + size] for g in groups for i in range(0, len(g), size)]  # GradCache's chunking
 
     # Reference: the same chunks embedded with a graph, in order, from the same seed (the dropout
     # masks GradCache's no-grad pass drew), then one ordinary backward.
     torch.manual_seed(7)
-    embeddings = torch.cat([minilm(_features(minilm, chunk)) for chunk in chunks])
+    embeddings = torch.cat([minilm(minilm.features(chunk)) for chunk in chunks])
     reference = loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query)
     reference.backward()
     expected = grads(minilm)
