@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bidirectional import first_token_sensitivity, is_bidirectional
-from .config import REPO_ROOT, ModelConfig, Profile, load_profile
+from .bidirectional import first_token_sensitivity
+from .config import REPO_ROOT, ConfigError, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, write_curated
 from .distributed import world
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
@@ -99,30 +99,32 @@ def _related_words(frame: pd.DataFrame | None, column: str) -> dict[str, set[str
 # --- 01 bidirectional conversion -------------------------------------------------------------
 
 def bidirectional_report(profile: Profile) -> pd.DataFrame:
-    """First-token sensitivity before/after the switch, for the profile's model and a Qwen2 decoder.
+    """First-token sensitivity with causal and with bidirectional attention, for the profile's
+    model and for a Qwen2 decoder built from a config.
 
     The sensitivity is the change of the first token's hidden state when the last token changes:
-    0 under causal attention, > 0 once attention is bidirectional.
+    0 under causal attention, > 0 once attention is bidirectional. An encoder has no causal form
+    (NaN in that column).
     """
+    configs = {
+        "profile model": profile.model,
+        "Qwen2 decoder (random init)": ModelConfig(random_init=DEMO_DECODER, attn_implementation=profile.model.attn_implementation),
+    }
     rows = []
-    texts = ["the bank of the river was steep", "a bank lends money"]
-    configs = {"profile model": profile.model}
-    if not profile.model.random_init and is_bidirectional(load_backbone(replace(profile.model, bidirectional=True))[0]):
-        configs["Qwen2 decoder (random init)"] = ModelConfig(random_init=DEMO_DECODER, attn_implementation=profile.model.attn_implementation)
     for label, cfg in configs.items():
-        torch.manual_seed(profile.seed)
-        causal_cfg = replace(cfg, bidirectional=False)
-        try:
-            causal, tokenizer = load_backbone(causal_cfg)
-        except ValueError:
-            causal = None
-        torch.manual_seed(profile.seed)
-        bidir, tokenizer = load_backbone(replace(cfg, bidirectional=True))
-        batch = tokenizer(texts, padding=True, return_tensors="pt")
-        before = first_token_sensitivity(causal, batch["input_ids"], batch["attention_mask"]) if causal else float("nan")
-        after = first_token_sensitivity(bidir, batch["input_ids"], batch["attention_mask"])
-        rows.append({"model": label, "architecture": type(bidir).__name__, "sensitivity_causal": before, "sensitivity_bidirectional": after})
-    return pd.DataFrame(rows)
+        row = {"model": label}
+        for column, bidirectional in (("sensitivity_causal", False), ("sensitivity_bidirectional", True)):
+            torch.manual_seed(profile.seed)
+            try:
+                backbone, tokenizer = load_backbone(replace(cfg, bidirectional=bidirectional))
+            except ConfigError:  # an encoder cannot be made causal
+                row[column] = float("nan")
+                continue
+            batch = tokenizer(["the bank of the river was steep", "a bank lends money"], padding=True, return_tensors="pt")
+            row[column] = first_token_sensitivity(backbone, batch["input_ids"], batch["attention_mask"])
+            row["architecture"] = type(backbone).__name__
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "architecture", "sensitivity_causal", "sensitivity_bidirectional"])
 
 
 # --- 02 / 03 training --------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def run_series(
     (work / "notebooks").mkdir(parents=True)
     timings = {}
     started = datetime.now(timezone.utc).isoformat()
+    code = git_state(REPO_ROOT)  # the code as the run starts (notebooks import it as they go)
     reused = reuse_upstream(reuse_from, work) if reuse_from else []
     parameters = {"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides}
     for notebook in notebooks or notebook_series():
@@ -116,7 +117,7 @@ def run_series(
         "overrides": overrides,
         "seed": resolved.seed,
         "parameters": resolved.to_dict(),
-        "git": git_state(REPO_ROOT),
+        "git": code,
         "packages": package_versions(),
         "machine": machine_info(),
         "data_sha256": data_hashes(work),
