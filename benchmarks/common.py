@@ -79,12 +79,27 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def sync() -> None:
+    """Wait for queued CUDA work, so a clock reading covers it (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def git_state() -> dict[str, Any]:
     """Commit of the checkout and whether it has uncommitted changes."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, Any]:
@@ -95,7 +110,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in PACKAGES},
@@ -128,7 +143,9 @@ def headline(metric: str, value: float | None, goal: float | None = None, higher
 def write_result(out: Path, name: str, settings: dict[str, Any], raw: Any, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``out/<name>.json`` (machine, settings, raw repeats, summary) and return it."""
     payload = {"benchmark": name, "machine": machine_info(), "settings": settings, "raw": raw, "summary": summary}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
     return payload
 
 
@@ -182,15 +199,15 @@ def planned_batches(frame: pd.DataFrame, card: DataCard, batch_size: int, steps:
     return [make_batch(frame, card, rows, n_neg, 0, 1) for _, rows in plan]
 
 
-def batch_texts(batch: Batch) -> list[str]:
-    """Every text one training step embeds, in train_stage's order."""
-    return batch.queries + batch.positives + batch.negatives
+def token_counts(encoder: Encoder, batch: Batch, chunk: int = 0) -> dict[str, int]:
+    """Real (non-padding) and padded tokens of one training step.
 
-
-def token_counts(encoder: Encoder, texts: Sequence[str], chunk: int = 0) -> dict[str, int]:
-    """Real (non-padding) and padded tokens of one training step's ``texts`` (padded per GradCache chunk if ``chunk``)."""
-    size = chunk or len(texts)
-    masks = [encoder.tokenize(texts[i : i + size])["attention_mask"] for i in range(0, len(texts), size)]
+    As kalm_lib embeds them: queries, positives and negatives each padded on their own, per
+    GradCache chunk of ``chunk`` texts when given.
+    """
+    groups = [g for g in (batch.queries, batch.positives, batch.negatives) if g]
+    pieces = [g[i : i + (chunk or len(g))] for g in groups for i in range(0, len(g), chunk or len(g))]
+    masks = [encoder.tokenize(piece)["attention_mask"] for piece in pieces]
     return {"real": sum(int(m.sum()) for m in masks), "padded": sum(m.numel() for m in masks)}
 
 
@@ -202,6 +219,7 @@ class StepClock:
 
     def tick(self, *_: object) -> None:
         """Record the end of a step (usable as train_stage's ``on_log``)."""
+        sync()
         self.ticks.append(time.perf_counter())
 
     def step_seconds(self) -> list[float]:

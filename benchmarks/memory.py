@@ -7,8 +7,8 @@ save). CPU: the peak resident set (``VmHWM``, reset to the current RSS by writin
 ``/proc/self/clear_refs`` just before the step; ``ru_maxrss`` where that reset is refused, which
 then also holds the loading peak). CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``. ``delta_mib`` = peak - baseline: activations, gradients, AdamW state
-and temporaries of the step. Without GradCache a batch is skipped when the previous size's delta,
-scaled linearly, would exceed half the free memory.
+and temporaries of the step (gradients plus AdamW state alone are 3 x ``params_mib``). Without GradCache a batch is skipped when the previous size's delta,
+scaled linearly, would exceed 3/4 of the free memory.
 
     python -m benchmarks.memory [--quick] [--out DIR] [--threads N]
 """
@@ -102,8 +102,9 @@ def child(probe: Probe) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as work:
         meter = PeakMeter()
         train_stage(encoder, {card.name: (frame, card)}, cfg, Path(work), probe.seed, on_log=meter.read)
-    return {"baseline_mib": meter.baseline_mib, "peak_mib": meter.peak_mib,
-            "delta_mib": meter.peak_mib - meter.baseline_mib, "method": meter.method}
+    params_mib = sum(p.numel() * p.element_size() for p in encoder.parameters()) / MIB
+    return {"baseline_mib": meter.baseline_mib, "peak_mib": meter.peak_mib, "delta_mib": meter.peak_mib - meter.baseline_mib,
+            "params_mib": params_mib, "method": meter.method}
 
 
 def measure(probe: Probe) -> dict[str, Any]:
@@ -124,8 +125,8 @@ def sweep(sizes: list[int], mini_batch_size: int, max_length: int, threads: int,
         done = [r for r in rows if "delta_mib" in r]
         if not mini_batch_size and done:
             predicted = done[-1]["delta_mib"] * size / done[-1]["batch_size"]
-            if predicted > free_mib() / 2:
-                rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": f"predicted delta {predicted:.0f} MiB > half the free memory"})
+            if predicted > 0.75 * free_mib():
+                rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": f"predicted delta {predicted:.0f} MiB > 3/4 of free memory"})
                 continue
         rows.append(measure(Probe(size, mini_batch_size, max_length, threads, seed)))
     return rows
@@ -135,6 +136,12 @@ def ratio(rows: list[dict[str, Any]], key: str) -> float | None:
     """``key`` at the largest measured batch over ``key`` at the smallest; None if fewer than two."""
     done = [r for r in rows if key in r]
     return done[-1][key] / done[0][key] if len(done) > 1 else None
+
+
+def span(rows: list[dict[str, Any]]) -> str:
+    """``largest/smallest`` measured batch size, for labels."""
+    done = [r["batch_size"] for r in rows if "delta_mib" in r]
+    return f"{done[-1]}/{done[0]}" if done else "none measured"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -155,10 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain": sweep(sizes, 0, max_length, threads, args.seed),
     }
     ratios = {mode: {"delta": ratio(rows, "delta_mib"), "peak": ratio(rows, "peak_mib")} for mode, rows in raw.items()}
-    largest, smallest = sizes[-1], sizes[0]
     summary = {
-        "rows": [headline(f"step memory delta({largest})/delta({smallest}) with GradCache", ratios["gradcache"]["delta"], GOAL, higher_is_better=False),
-                 headline(f"step memory delta({largest})/delta({smallest}) without GradCache", ratios["plain"]["delta"])],
+        "rows": [
+            headline(f"step memory delta, batch {span(raw['gradcache'])}, GradCache", ratios["gradcache"]["delta"], GOAL, higher_is_better=False),
+            headline(f"step memory delta, batch {span(raw['plain'])}, no GradCache", ratios["plain"]["delta"]),
+        ],
         "ratios": ratios,
         "device": str(device()),
     }

@@ -19,17 +19,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from kalm_lib.config import TrainConfig
+from kalm_lib.data_cards import DataCard
 from kalm_lib.training import train_stage
 
 from .common import (
     StepClock,
     alternate,
-    batch_texts,
     device,
     headline,
     kalm_encoder,
@@ -39,6 +40,7 @@ from .common import (
     parser,
     planned_batches,
     set_threads,
+    sync,
     token_counts,
     write_result,
 )
@@ -71,19 +73,13 @@ def matmul_peak(size: int, count: int) -> dict[str, Any]:
     a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
     rates = []
     for index in range(count + 1):
-        _sync()
+        sync()
         began = time.perf_counter()
         torch.mm(a, b)
-        _sync()
+        sync()
         if index:
             rates.append(2 * size**3 / (time.perf_counter() - began) / 1e9)
     return {"dtype": str(dtype), "gflops": rates, "best_gflops": max(rates)}
-
-
-def _sync() -> None:
-    """Wait for queued CUDA work (no-op on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def non_embedding_params(model: nn.Module) -> int:
@@ -92,8 +88,8 @@ def non_embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - embedding
 
 
-def train(settings: Settings, frame: Any, card: Any, count_flops: bool) -> dict[str, Any]:
-    """One train_stage run: per-step seconds, or (``count_flops``) per-step FLOP from FlopCounterMode."""
+def train(settings: Settings, frame: pd.DataFrame, card: DataCard, count_flops: bool) -> dict[str, Any]:
+    """One train_stage run (bf16 autocast on CUDA, like the peak): per-step seconds, or per-step FLOP."""
     encoder = kalm_encoder(settings.max_length)
     cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, learning_rate=3e-5, log_every=1)
     clock, flops = StepClock(), []
@@ -101,7 +97,7 @@ def train(settings: Settings, frame: Any, card: Any, count_flops: bool) -> dict[
     on_log = (lambda _: flops.append(counter.get_total_flops())) if count_flops else clock.tick
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as work:
         with counter if count_flops else nullcontext():
-            train_stage(encoder, {card.name: (frame, card)}, cfg, Path(work), settings.seed, on_log=on_log)
+            train_stage(encoder, {card.name: (frame, card)}, cfg, Path(work), settings.seed, torch.cuda.is_available(), on_log=on_log)
     if count_flops:
         return {"step_flops": [b - a for a, b in zip([0, *flops], flops)]}
     return {"step_seconds": clock.step_seconds()}
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     frame, card = load_pairs(settings.batch_size * settings.steps, settings.seed)
     encoder = kalm_encoder(settings.max_length)
-    real = [token_counts(encoder, batch_texts(b))["real"] for b in planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)]
+    real = [token_counts(encoder, b)["real"] for b in planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)]
     n_params = non_embedding_params(encoder.backbone)
     step_flops = train(settings, frame, card, count_flops=True)["step_flops"]
     raw = alternate(

@@ -28,7 +28,6 @@ from .common import (
     CARDS_DIR,
     StepClock,
     alternate,
-    batch_texts,
     headline,
     kalm_encoder,
     load_glosses,
@@ -41,7 +40,7 @@ from .common import (
 )
 
 NAME = "scaling"
-GLOSSES_PER_TEXT = 16
+GLOSSES_PER_TEXT = 32
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,17 @@ def exponent(sizes: list[int], seconds: list[float]) -> float:
     return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
 
 
+def growth(axis: str, slope: float) -> str:
+    """Plain-words reading of a growth exponent."""
+    if slope > 1.15:
+        how = "superlinear: attention's quadratic term or cache effects weigh"
+    elif slope >= 0.85:
+        how = "about linear: cost per token roughly constant"
+    else:
+        how = "sublinear: fixed per-step costs (optimizer over all parameters, overheads) still weigh"
+    return f"step time ~ {axis}^{slope:.2f}, {how}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time every grid point, fit both exponents and write ``scaling.json``."""
     p = parser(__doc__.splitlines()[0])
@@ -101,19 +111,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoder, padding = kalm_encoder(points[0].max_length), {}
     for pt in points:
         encoder.max_length = pt.max_length
-        counts = [token_counts(encoder, batch_texts(b)) for b in planned_batches(frame, card, pt.batch_size, steps, args.seed)]
+        counts = [token_counts(encoder, b) for b in planned_batches(frame, card, pt.batch_size, steps, args.seed)]
         padding[key(pt)] = 1 - sum(c["real"] for c in counts) / sum(c["padded"] for c in counts)
     runs = {key(pt): (lambda pt=pt: step_time(pt, frame, card, steps, args.seed)) for pt in points}
     raw = alternate(runs, repeats)
-    medians = {key: statistics.median(r["median_step_s"] for r in reps) for key, reps in raw.items()}
+    medians = {name: statistics.median(r["median_step_s"] for r in reps) for name, reps in raw.items()}
     fits = {}
     for axis in ("max_length", "batch_size"):
-        sizes = [getattr(pt, axis) for pt in points if pt.axis == axis]
-        fits[axis] = exponent(sizes, [medians[f"{axis}={size}"] for size in sizes])
+        along = [pt for pt in points if pt.axis == axis]
+        fits[axis] = exponent([getattr(pt, axis) for pt in along], [medians[key(pt)] for pt in along])
     summary = {
         "rows": [headline(f"step time exponent in {axis} (log-log slope)", slope) for axis, slope in fits.items()],
         "exponents": fits,
+        "growth": {axis: growth(axis, slope) for axis, slope in fits.items()},
         "median_step_s": medians,
+        "us_per_token": {key(pt): 1e6 * medians[key(pt)] / (2 * pt.batch_size * pt.max_length) for pt in points},
         "padding_share": padding,
     }
     settings = {"grid": [asdict(pt) for pt in points], "steps": steps, "repeats": repeats, "threads": threads,

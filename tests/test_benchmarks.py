@@ -1,0 +1,110 @@
+"""The benchmark scripts run end to end in --quick mode and write the documented JSON schema.
+
+Numbers from --quick are not measurements; only shape, positivity and consistency are checked.
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+BENCHMARKS = ("train_throughput", "encode_throughput", "memory", "mfu", "scaling")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Every benchmark's --quick payload, all written into one folder (one thread: steady under load)."""
+    out = tmp_path_factory.mktemp("benchmarks")
+    payloads = {}
+    for name in BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        payloads[name] = module.main(["--quick", "--out", str(out), "--threads", "1"])
+    return out, payloads
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_common_schema(quick_results, name):
+    out, payloads = quick_results
+    payload = payloads[name]
+    assert json.loads((out / f"{name}.json").read_text()) == payload
+    assert set(payload) == {"benchmark", "machine", "settings", "raw", "summary"}
+    machine = payload["machine"]
+    for key in ("utc_time", "cpu_count", "usable_cores", "torch_threads", "platform", "python", "git"):
+        assert machine[key] is not None, key
+    assert machine["torch_threads"] == 1 and payload["settings"]["threads"] == 1
+    assert {"torch", "transformers", "sentence-transformers"} <= set(machine["versions"])
+    assert payload["settings"]["quick"] is True
+    rows = payload["summary"]["rows"]
+    assert rows and all(set(r) == {"metric", "value", "goal", "met"} for r in rows)
+
+
+def test_train_throughput(quick_results):
+    payload = quick_results[1]["train_throughput"]
+    for case in ("plain", "gradcache"):
+        measured = payload["raw"][case]
+        for contender in ("kalm", "st"):
+            runs = measured["raw"][contender]
+            assert len(runs) == payload["settings"]["repeats"]
+            for run in runs:
+                assert _positive(run["pairs_per_s"]) and _positive(run["real_tokens_per_s"])
+                assert run["step_seconds"] and all(map(_positive, run["step_seconds"]))
+        assert _positive(measured["ratio_kalm_over_st"])
+        assert 0 <= measured["kalm_padding_share"] < 1
+    assert [r["goal"] for r in payload["summary"]["rows"]] == [">= 1.2", ">= 1.2"]
+
+
+def test_encode_throughput(quick_results):
+    summary = quick_results[1]["encode_throughput"]["summary"]
+    assert _positive(summary["ratio_kalm_over_st"])
+    assert all(_positive(summary["median"][c]["texts_per_s"]) for c in ("kalm", "st"))
+    assert summary["max_abs_diff"] < 1e-4  # same model, length and pooling: same embeddings
+
+
+def test_memory(quick_results):
+    payload = quick_results[1]["memory"]
+    for mode in ("gradcache", "plain"):
+        rows = payload["raw"][mode]
+        assert [r["batch_size"] for r in rows] == payload["settings"]["batch_sizes"]
+        for row in rows:
+            assert "error" not in row, row.get("error")
+            assert _positive(row["delta_mib"]) and row["peak_mib"] >= row["baseline_mib"]
+        assert _positive(payload["summary"]["ratios"][mode]["delta"])
+    assert payload["summary"]["rows"][0]["goal"] == "<= 1.2"
+
+
+def test_mfu(quick_results):
+    summary = quick_results[1]["mfu"]["summary"]
+    for key in ("peak_flops_per_s", "counted_flops_per_s", "six_n_flops_per_s", "mfu_counted", "mfu_six_n"):
+        assert _positive(summary[key]), key
+    assert all(map(_positive, summary["step_flops"]))
+    # Counted FLOP (padding and attention included) are close to or above the 6 N rule on real tokens.
+    assert sum(summary["step_flops"]) >= 0.9 * 6 * summary["non_embedding_params"] * sum(summary["step_real_tokens"])
+
+
+def test_scaling(quick_results):
+    summary = quick_results[1]["scaling"]["summary"]
+    assert set(summary["exponents"]) == {"max_length", "batch_size"}
+    assert all(math.isfinite(v) for v in summary["exponents"].values())
+    assert all(map(_positive, summary["median_step_s"].values()))
+    assert set(summary["padding_share"].values()) == {0.0}  # every text exactly max_length tokens
+
+
+def test_run_all_summary(quick_results):
+    from benchmarks.run_all import summarise
+
+    out, _ = quick_results
+    summary = summarise(out)
+    assert {r["benchmark"] for r in summary["rows"]} == set(BENCHMARKS)
+    table = (out / "summary.md").read_text()
+    assert table.startswith("| benchmark | metric | value | goal | met |")
+    assert json.loads((out / "summary.json").read_text()) == summary
