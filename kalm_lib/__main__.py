@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -102,42 +103,35 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args)
 
 
-def _grid(args: argparse.Namespace) -> int:
-    """``grid`` subcommand."""
+def _notebook_command(label: str, start: Callable[[], Path]) -> int:
+    """Run ``start`` (a papermill-driven command), turning errors into messages and exit codes."""
     from papermill.exceptions import PapermillExecutionError
 
-    from .ablations import load_grid, run_grid
-
     try:
-        folder = run_grid(load_grid(args.grid), args.runs_dir, args.name)
+        folder = start()
     except (ConfigError, DataCardError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PapermillExecutionError as exc:
         print(f"error in notebook cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
         return 1
-    print(f"grid complete: {folder}")
+    print(f"{label} complete: {folder}")
     print(f"report: {folder / 'report.html'}")
     return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    """``grid`` subcommand."""
+    from .ablations import load_grid, run_grid
+
+    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name))
 
 
 def _run(args: argparse.Namespace) -> int:
-    """``run`` subcommand (papermill is imported here: ``train`` processes do not need it)."""
-    from papermill.exceptions import PapermillExecutionError
-
+    """``run`` subcommand (papermill is imported lazily: ``train`` processes do not need it)."""
     from .runner import run_series
 
-    try:
-        folder = run_series(args.profile, args.runs_dir, args.name, parse_overrides(args.overrides))
-    except (ConfigError, DataCardError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PapermillExecutionError as exc:
-        print(f"error in notebook cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
-        return 1
-    print(f"run complete: {folder}")
-    print(f"report: {folder / 'report.html'}")
-    return 0
+    return _notebook_command("run", lambda: run_series(args.profile, args.runs_dir, args.name, parse_overrides(args.overrides)))
 
 
 def _train(args: argparse.Namespace) -> int:

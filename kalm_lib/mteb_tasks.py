@@ -125,6 +125,22 @@ def payload_revision(payload: Mapping[str, Any]) -> str:
 # --- local task classes ------------------------------------------------------------------------
 
 
+def _local_metadata(filename: str, **fields: Any) -> TaskMetadata:
+    """TaskMetadata for a local task: the fields every local task shares plus ``fields``."""
+    shared = {
+        "dataset": {"path": filename, "revision": "local"},
+        "modalities": ["text"],
+        "eval_splits": ["test"],
+        "eval_langs": ["eng-Latn"],
+        "domains": ["Written", "Non-fiction"],
+        "annotations_creators": "derived",
+        "dialect": [],
+        "sample_creation": "found",
+        "bibtex_citation": "",
+    }
+    return TaskMetadata(**shared, **fields)
+
+
 class LocalEvalTask(AbsTask):
     """Base for tasks bound to a folder of curated JSON files (``filename`` inside ``eval_dir``)."""
 
@@ -188,28 +204,20 @@ class KalmDefinitionRetrieval(LocalEvalTask, AbsTaskRetrieval):
     """Dictionary definition -> the held-out headword it defines."""
 
     filename = "definition_retrieval.json"
-    metadata = TaskMetadata(
+    metadata = _local_metadata(
+        "definition_retrieval.json",
         name="KalmDefinitionRetrieval",
         description=(
             "Retrieve the headword defined by a GCIDE dictionary definition, from a corpus of words "
             "held out of kalm-study training data."
         ),
         reference=GCIDE_REFERENCE,
-        dataset={"path": "definition_retrieval.json", "revision": "local"},
         type="Retrieval",
         category="t2t",
-        modalities=["text"],
-        eval_splits=["test"],
-        eval_langs=["eng-Latn"],
         main_score="ndcg_at_10",
         date=("1913-01-01", "2024-12-31"),
-        domains=["Written", "Non-fiction"],
         task_subtypes=[],
         license="gpl-3.0",
-        annotations_creators="derived",
-        dialect=[],
-        sample_creation="found",
-        bibtex_citation="",
     )
 
     def _check(self, payload: Mapping[str, Any]) -> None:
@@ -233,28 +241,20 @@ class KalmSynonymAntonymPairClassification(LocalEvalTask, AbsTaskPairClassificat
     """Word pairs labelled 1 (synonyms) or 0 (antonyms)."""
 
     filename = "synonym_antonym_pairs.json"
-    metadata = TaskMetadata(
+    metadata = _local_metadata(
+        "synonym_antonym_pairs.json",
         name="KalmSynonymAntonymPairClassification",
         description=(
             "Tell synonym pairs (label 1) from antonym pairs (label 0) among Open English WordNet words "
             "held out of kalm-study training data."
         ),
         reference=OEWN_REFERENCE,
-        dataset={"path": "synonym_antonym_pairs.json", "revision": "local"},
         type="PairClassification",
         category="t2t",
-        modalities=["text"],
-        eval_splits=["test"],
-        eval_langs=["eng-Latn"],
         main_score="max_ap",
         date=("2019-01-01", "2024-12-31"),
-        domains=["Written", "Non-fiction"],
         task_subtypes=[],
         license="cc-by-4.0",
-        annotations_creators="derived",
-        dialect=[],
-        sample_creation="found",
-        bibtex_citation="",
     )
 
     def _check(self, payload: Mapping[str, Any]) -> None:
@@ -276,28 +276,20 @@ class KalmSynsetClustering(LocalEvalTask, AbsTaskClustering):
 
     filename = "synset_clustering.json"
     max_fraction_of_documents_to_embed = None
-    metadata = TaskMetadata(
+    metadata = _local_metadata(
+        "synset_clustering.json",
         name="KalmSynsetClustering",
         description=(
             "Cluster Open English WordNet words held out of kalm-study training data by synonym set "
             "(each cluster is a word and several of its synonyms)."
         ),
         reference=OEWN_REFERENCE,
-        dataset={"path": "synset_clustering.json", "revision": "local"},
         type="Clustering",
         category="t2c",
-        modalities=["text"],
-        eval_splits=["test"],
-        eval_langs=["eng-Latn"],
         main_score="v_measure",
         date=("2019-01-01", "2024-12-31"),
-        domains=["Written", "Non-fiction"],
         task_subtypes=["Thematic clustering"],
         license="cc-by-4.0",
-        annotations_creators="derived",
-        dialect=[],
-        sample_creation="found",
-        bibtex_citation="",
     )
 
     def _check(self, payload: Mapping[str, Any]) -> None:
