@@ -45,14 +45,23 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark takes: ``--quick``, ``--out``, ``--threads``, ``--seed``."""
+def parser(description: str, repeats: int | None = None) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: ``--quick``, ``--out``, ``--threads``, ``--seed``; and
+    ``--repeats`` (alternated rounds, ``repeats`` by default) for the timing scripts."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), to check the script; not a measurement")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; a temp folder with --quick)")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=None, help=f"alternated rounds (default {repeats}; 1 with --quick)")
+        p.set_defaults(full_repeats=repeats)
     return p
+
+
+def rounds(args: argparse.Namespace) -> int:
+    """``--repeats``, else 1 with ``--quick``, else the script's default."""
+    return args.repeats or (1 if args.quick else args.full_repeats)
 
 
 def out_dir(args: argparse.Namespace) -> Path:

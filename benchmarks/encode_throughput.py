@@ -16,7 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from .common import alternate, headline, kalm_encoder, load_glosses, median_of, out_dir, parser, set_threads, st_model, write_result
+from .common import (
+    alternate,
+    headline,
+    kalm_encoder,
+    load_glosses,
+    median_of,
+    out_dir,
+    parser,
+    rounds,
+    set_threads,
+    st_model,
+    write_result,
+)
 
 NAME = "encode_throughput"
 GOAL = 1.0
@@ -44,8 +56,7 @@ def timed(encode: Callable[[list[str]], np.ndarray], texts: list[str], real_toke
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure both encoders and write ``encode_throughput.json``."""
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 5; 1 with --quick)")
+    p = parser(__doc__.splitlines()[0], repeats=5)
     args = p.parse_args(argv)
     out = out_dir(args)
     threads = set_threads(args.threads)
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         texts=64 if args.quick else 5000,
         batch_size=16 if args.quick else 64,
         max_length=16 if args.quick else 64,
-        repeats=args.repeats or (1 if args.quick else 5),
+        repeats=rounds(args),
         seed=args.seed,
     )
     texts = load_glosses(settings.texts, settings.seed)

@@ -39,6 +39,7 @@ from .common import (
     out_dir,
     parser,
     planned_batches,
+    rounds,
     set_threads,
     sync,
     token_counts,
@@ -105,8 +106,7 @@ def train(settings: Settings, frame: pd.DataFrame, card: DataCard, count_flops: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure peak and training FLOP/s and write ``mfu.json``."""
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; 1 with --quick)")
+    p = parser(__doc__.splitlines()[0], repeats=3)
     args = p.parse_args(argv)
     out = out_dir(args)
     threads = set_threads(args.threads)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=2 if args.quick else 11,
         matmul_size=256 if args.quick else (8192 if cuda else 2048),
         matmuls=2 if args.quick else 10,
-        repeats=args.repeats or (1 if args.quick else 3),
+        repeats=rounds(args),
         seed=args.seed,
     )
     frame, card = load_pairs(settings.batch_size * settings.steps, settings.seed)

@@ -34,6 +34,7 @@ from .common import (
     out_dir,
     parser,
     planned_batches,
+    rounds,
     set_threads,
     token_counts,
     write_result,
@@ -99,12 +100,11 @@ def growth(axis: str, slope: float) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time every grid point, fit both exponents and write ``scaling.json``."""
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; 1 with --quick)")
+    p = parser(__doc__.splitlines()[0], repeats=3)
     args = p.parse_args(argv)
     out = out_dir(args)
     threads = set_threads(args.threads)
-    steps, repeats = (2, args.repeats or 1) if args.quick else (6, args.repeats or 3)
+    steps, repeats = (2 if args.quick else 6), rounds(args)
     points = grid(args.quick)
     card = load_cards(CARDS_DIR)["pt_oewn_glosses"]
     frame = long_pairs(max(pt.batch_size for pt in points) * steps, args.seed)

@@ -40,6 +40,7 @@ from .common import (
     out_dir,
     parser,
     planned_batches,
+    rounds,
     set_threads,
     st_model,
     token_counts,
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_decay=0.01,
         warmup_ratio=0.1,
         temperature=0.05,
-        repeats=args.repeats or (1 if args.quick else 5),
+        repeats=rounds(args),
         seed=args.seed,
     )
     measured = {}

@@ -26,3 +26,13 @@ def tiny_grid(tmp_path_factory):
 def tiny_run(tiny_grid):
     """The grid's reference: one complete run of all seven notebooks on the tiny profile."""
     return tiny_grid / "full"
+
+
+@pytest.fixture(scope="session")
+def curated_tiny(tmp_path_factory):
+    """A run folder holding only the tiny profile's curated data (notebook 00's work)."""
+    from kalm_lib.pipeline import open_run, run_curation
+
+    profile, run = open_run("tiny", tmp_path_factory.mktemp("curated-tiny"))
+    run_curation(profile, run)
+    return run

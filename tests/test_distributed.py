@@ -38,18 +38,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def curated_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's curated tiny run folder (shared with test_training.py; curated on first use)."""
-    from kalm_lib.pipeline import open_run, run_curation
-
-    run = tmp_path_factory.getbasetemp() / "curated-tiny"
-    if not (run / "data" / ".complete").exists():
-        profile, run = open_run("tiny", run)
-        run_curation(profile, run)
-        (run / "data" / ".complete").touch()
-    return run
-
-
 # --- gather_with_grad --------------------------------------------------------------------------
 
 def embeddings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,9 +54,9 @@ def loss_and_grads(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch: 
     return loss.item(), [t.grad for t in leaves]
 
 
-def _worker(rank: int, port: int, results) -> None:
+def _worker(rank: int, store: str, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         shard = [t[rank * LOCAL : (rank + 1) * LOCAL] for t in embeddings()]
         results.put((rank, {in_batch: loss_and_grads(*shard, in_batch) for in_batch in (True, False)}))
@@ -77,11 +65,11 @@ def _worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def test_gather_with_grad_gives_big_batch_gradients() -> None:
+def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, results)) for rank in range(WORLD)]
+    # A file store rendezvous: no TCP port that another process could take in between.
+    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), results)) for rank in range(WORLD)]
     for proc in procs:
         proc.start()
     try:
@@ -131,14 +119,13 @@ def run_clis(commands: list[list[str]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stage1_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, str]]:
+def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) -> dict[int, tuple[Path, str]]:
     """Run folder and stdout of ``train --stage pretrain`` with 2 processes and with 1."""
-    curated = curated_tiny_run(tmp_path_factory)
     train = ["-m", "kalm_lib", "train", "--profile", "tiny", "--stage", "pretrain"]
     folders = {}
     for processes in (2, 1):
         folders[processes] = tmp_path_factory.mktemp(f"procs{processes}")
-        shutil.copytree(curated / "data", folders[processes] / "data")
+        shutil.copytree(curated_tiny / "data", folders[processes] / "data")
     # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
     # process (`--cpu` would start a single process).
     launch = [

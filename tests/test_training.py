@@ -1,7 +1,7 @@
 """One training stage on the tiny profile: exact resume, NaN stop, numerics switches, saved folder.
 
-The curated tiny run folder is built once per session (about 10 s) and shared by these tests and
-``test_distributed.py`` (same folder under pytest's session temp dir).
+The curated tiny run folder is the session fixture ``curated_tiny`` (conftest.py), shared with
+``test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -19,27 +19,16 @@ from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
 from kalm_lib.config import Profile, TrainConfig
 from kalm_lib.curation import load_train_sets
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
-from kalm_lib.pipeline import open_run, run_curation
+from kalm_lib.pipeline import open_run
 from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, train_stage
 
 TEXTS = ["a bank lends money", "the bank of the river was steep", "run", "to move fast on foot"]
 
 
-def curated_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's curated tiny run folder (curated on first use, then reused)."""
-    run = tmp_path_factory.getbasetemp() / "curated-tiny"
-    if not (run / "data" / ".complete").exists():
-        profile, run = open_run("tiny", run)
-        run_curation(profile, run)
-        (run / "data" / ".complete").touch()
-    return run
-
-
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Profile, Path]:
-    run = curated_tiny_run(tmp_path_factory)
-    profile, _ = open_run("tiny", run)
-    return profile, run
+def curated(curated_tiny: Path) -> tuple[Profile, Path]:
+    profile, _ = open_run("tiny", curated_tiny)
+    return profile, curated_tiny
 
 
 @pytest.fixture(scope="module")
