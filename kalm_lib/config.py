@@ -105,6 +105,7 @@ class EvalConfig:
     matryoshka_dims: list[int] = field(default_factory=list)
     quantizations: list[str] = field(default_factory=list)
     skip_upstream_models: bool = False
+    reference_card: str = "data_cards/reference/mteb_eng_v2_published.yaml"
 
 
 @dataclass(frozen=True)
