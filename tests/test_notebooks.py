@@ -54,6 +54,7 @@ def test_report_is_self_contained_html_with_figures(tiny_run):
     html = (tiny_run / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 3
     assert "KalmDefinitionRetrieval" in html and "soup_greedy" in html
+    assert "KaLM-Embedding-V2 (0.5B)" in html  # the published reference card's summary
 
 
 def test_bidirectional_check_in_run(tiny_run):
