@@ -207,9 +207,8 @@ def compare(case: Case, settings: Settings, frame: pd.DataFrame, card: DataCard)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure both cases and write ``train_throughput.json``."""
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], repeats=5)
     p.add_argument("--data", type=Path, default=None, help="a curated stage-1 shard (parquet) instead of WordNet glosses")
-    p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 5; 1 with --quick)")
     args = p.parse_args(argv)
     out = out_dir(args)
     threads = set_threads(args.threads)

@@ -108,3 +108,10 @@ def test_run_all_summary(quick_results):
     table = (out / "summary.md").read_text()
     assert table.startswith("| benchmark | metric | value | goal | met |")
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_repeats_default_quick_and_explicit():
+    from benchmarks.common import parser, rounds
+
+    p = parser("demo", repeats=5)
+    assert [rounds(p.parse_args(argv)) for argv in ([], ["--quick"], ["--repeats", "2"])] == [5, 1, 2]
