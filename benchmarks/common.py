@@ -95,11 +95,12 @@ def sync() -> None:
 
 
 def git_state() -> dict[str, Any]:
-    """Commit of the checkout and whether it has uncommitted changes."""
+    """Commit of the checkout and whether it has uncommitted changes (the benchmarks' own output
+    folder does not count: earlier scripts of the same run write there)."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", ".", f":!{RESULTS_DIR.relative_to(REPO_ROOT)}"))}
 
 
 def cpu_model() -> str:
