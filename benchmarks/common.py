@@ -30,10 +30,11 @@ import transformers
 
 from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
 from kalm_lib.builders import oewn_gloss_pairs
-from kalm_lib.config import REPO_ROOT, ModelConfig
+from kalm_lib.config import REPO_ROOT, ModelConfig, TrainConfig
 from kalm_lib.data_cards import DataCard, load_cards
 from kalm_lib.encoder import Encoder, load_encoder
 from kalm_lib.sources import load_source
+from kalm_lib.training import step_chunks
 
 CARDS_DIR = REPO_ROOT / "data_cards" / "offline"
 RESULTS_DIR = REPO_ROOT / "results" / "benchmarks"
@@ -209,16 +210,11 @@ def planned_batches(frame: pd.DataFrame, card: DataCard, batch_size: int, steps:
     return [make_batch(frame, card, rows, n_neg, 0, 1) for _, rows in plan]
 
 
-def token_counts(encoder: Encoder, batch: Batch, chunk: int = 0) -> dict[str, int]:
-    """Real (non-padding) and padded tokens of one training step.
-
-    As kalm_lib embeds them: queries, positives and negatives each padded on their own, per
-    GradCache chunk of ``chunk`` texts when given.
-    """
-    groups = [g for g in (batch.queries, batch.positives, batch.negatives) if g]
-    pieces = [g[i : i + (chunk or len(g))] for g in groups for i in range(0, len(g), chunk or len(g))]
-    masks = [encoder.tokenize(piece)["attention_mask"] for piece in pieces]
-    return {"real": sum(int(m.sum()) for m in masks), "padded": sum(m.numel() for m in masks)}
+def token_counts(encoder: Encoder, batch: Batch, cfg: TrainConfig) -> dict[str, int]:
+    """Real (non-padding) and padded tokens of one training step, as ``train_stage`` chunks it."""
+    chunks = step_chunks(encoder, batch, cfg)
+    masks = [chunk.features["attention_mask"] for chunk in chunks]
+    return {"real": sum(int(m.sum()) for m in masks), "padded": sum(m.numel() for m in masks), "chunks": len(chunks)}
 
 
 @dataclass

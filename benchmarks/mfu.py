@@ -89,10 +89,15 @@ def non_embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - embedding
 
 
+def train_config(settings: Settings) -> TrainConfig:
+    """kalm_lib's stage config for the timed runs (logging every step, which the clock needs)."""
+    return TrainConfig(steps=settings.steps, batch_size=settings.batch_size, learning_rate=3e-5, log_every=1)
+
+
 def train(settings: Settings, frame: pd.DataFrame, card: DataCard, count_flops: bool) -> dict[str, Any]:
     """One train_stage run (bf16 autocast on CUDA, like the peak): per-step seconds, or per-step FLOP."""
     encoder = kalm_encoder(settings.max_length)
-    cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, learning_rate=3e-5, log_every=1)
+    cfg = train_config(settings)
     clock, flops = StepClock(), []
     counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
     on_log = (lambda _: flops.append(counter.get_total_flops())) if count_flops else clock.tick
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     frame, card = load_pairs(settings.batch_size * settings.steps, settings.seed)
     encoder = kalm_encoder(settings.max_length)
-    real = [token_counts(encoder, b)["real"] for b in planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)]
+    real = [token_counts(encoder, b, train_config(settings))["real"] for b in planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)]
     n_params = non_embedding_params(encoder.backbone)
     step_flops = train(settings, frame, card, count_flops=True)["step_flops"]
     raw = alternate(

@@ -72,10 +72,15 @@ def long_pairs(rows: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"query": texts[0::2], "positive": texts[1::2], "negatives": [[] for _ in range(rows)], "words": [[] for _ in range(rows)]})
 
 
+def point_config(point: Point, steps: int) -> TrainConfig:
+    """kalm_lib's stage config at ``point`` (logging every step, which the clock needs)."""
+    return TrainConfig(steps=steps, batch_size=point.batch_size, log_every=1)
+
+
 def step_time(point: Point, frame: pd.DataFrame, card: DataCard, steps: int, seed: int) -> dict[str, Any]:
     """Per-step seconds of one train_stage run at ``point`` (steps 2..N) and their median."""
     clock = StepClock()
-    cfg = TrainConfig(steps=steps, batch_size=point.batch_size, log_every=1)
+    cfg = point_config(point, steps)
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as work:
         train_stage(kalm_encoder(point.max_length), {card.name: (frame, card)}, cfg, Path(work), seed, on_log=clock.tick)
     seconds = clock.step_seconds()
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoder, padding = kalm_encoder(points[0].max_length), {}
     for pt in points:
         encoder.max_length = pt.max_length
-        counts = [token_counts(encoder, b) for b in planned_batches(frame, card, pt.batch_size, steps, args.seed)]
+        counts = [token_counts(encoder, b, point_config(pt, steps)) for b in planned_batches(frame, card, pt.batch_size, steps, args.seed)]
         padding[key(pt)] = 1 - sum(c["real"] for c in counts) / sum(c["padded"] for c in counts)
     runs = {key(pt): (lambda pt=pt: step_time(pt, frame, card, steps, args.seed)) for pt in points}
     raw = alternate(runs, repeats)

@@ -8,9 +8,11 @@ with AdamW at the same learning rate and weight decay, linear warm-up/decay, gra
 Timing: step 1 is warm-up; steps 2..N are timed from the end of one optimizer step to the end of
 the next (kalm_lib: train_stage's ``on_log`` with ``log_every=1``; ST: ``on_step_end``), so data,
 tokenisation, forward, backward, clipping, optimizer and scheduler count, model loading and the
-final save do not. Contenders alternate A B A B ... Two cases: ``plain`` (one-pass step vs
-MultipleNegativesRankingLoss) and ``gradcache`` (``TrainConfig.mini_batch_size`` vs
-CachedMultipleNegativesRankingLoss) at a large batch.
+final save do not. Contenders alternate A B A B ... Two cases: ``plain`` (the whole step in the
+graph vs MultipleNegativesRankingLoss) and ``gradcache`` (``TrainConfig.mini_batch_size`` vs
+CachedMultipleNegativesRankingLoss) at a large batch. Each side computes the batch its own way:
+kalm_lib in length-sorted chunks (:mod:`kalm_lib.chunking`), ST one padded pass per column (per
+mini-batch when cached); the JSON records both sides' padding shares.
 
     python -m benchmarks.train_throughput [--quick] [--out DIR] [--threads N] [--data SHARD.parquet]
 """
@@ -26,8 +28,10 @@ import pandas as pd
 import torch
 from torch.utils.data import SequentialSampler
 
+from kalm_lib.batching import Batch
 from kalm_lib.config import TrainConfig
 from kalm_lib.data_cards import DataCard
+from kalm_lib.encoder import Encoder
 from kalm_lib.training import train_stage
 
 from .common import (
@@ -176,13 +180,22 @@ def run_st(case: Case, settings: Settings, pairs: dict[str, list[str]], real_tok
     return rates(clock, case.batch_size, real_tokens)
 
 
+def st_padded_tokens(encoder: Encoder, batch: Batch, mini_batch_size: int) -> int:
+    """Tokens sentence-transformers computes for ``batch``: each column padded on its own (per
+    mini-batch of ``mini_batch_size`` rows with the cached loss)."""
+    size = mini_batch_size or len(batch.queries)
+    pieces = [g[i : i + size] for g in (batch.queries, batch.positives) for i in range(0, len(g), size)]
+    return sum(encoder.features(piece)["attention_mask"].numel() for piece in pieces)
+
+
 def compare(case: Case, settings: Settings, frame: pd.DataFrame, card: DataCard) -> dict[str, Any]:
     """Alternated runs of both contenders on ``case``: raw repeats, medians and the kalm/ST ratio."""
     batches = planned_batches(frame, card, case.batch_size, case.steps, settings.seed)
     if any(b.negatives for b in batches):
         raise ValueError("the ST side trains on (anchor, positive) pairs; use a set without hard negatives")
     encoder = kalm_encoder(settings.max_length)
-    counts = [token_counts(encoder, b, case.mini_batch_size) for b in batches]
+    counts = [token_counts(encoder, b, train_config(case, settings)) for b in batches]
+    st_padded = [st_padded_tokens(encoder, b, case.mini_batch_size) for b in batches]
     real = [c["real"] for c in counts]
     pairs = {"anchor": [q for b in batches for q in b.queries], "positive": [p for b in batches for p in b.positives]}
     raw = alternate(
@@ -198,6 +211,7 @@ def compare(case: Case, settings: Settings, frame: pd.DataFrame, card: DataCard)
         "case": asdict(case),
         "tokens_per_step": counts,
         "kalm_padding_share": 1 - sum(real) / sum(c["padded"] for c in counts),
+        "st_padding_share": 1 - sum(real) / sum(st_padded),
         "raw": raw,
         "median": medians,
         "ratio_kalm_over_st": medians["kalm"]["pairs_per_s"] / medians["st"]["pairs_per_s"],
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             headline(f"train pairs/s kalm/ST ({name}, batch {m['case']['batch_size']})", m["ratio_kalm_over_st"], GOAL)
             for name, m in measured.items()
         ],
-        **{name: {k: m[k] for k in ("median", "ratio_kalm_over_st", "kalm_padding_share")} for name, m in measured.items()},
+        **{name: {k: m[k] for k in ("median", "ratio_kalm_over_st", "kalm_padding_share", "st_padding_share")} for name, m in measured.items()},
     }
     settings_out = {**asdict(settings), "threads": threads, "quick": args.quick, "data": str(args.data or "oewn_glosses"),
                     "cases": [asdict(c) for c in cases(args.quick)], "optimizer": "torch.optim.AdamW(fused=True) on both sides (HF also exempts biases/LayerNorm from decay, same cost)",

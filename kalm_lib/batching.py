@@ -31,6 +31,11 @@ class Batch:
     negatives_per_query: int
     in_batch_negatives: bool
 
+    @property
+    def texts(self) -> list[str]:
+        """All texts of the batch, stacked as the loss expects: queries, positives, negatives."""
+        return self.queries + self.positives + self.negatives
+
 
 def batch_plan(sizes: dict[str, int], batch_size: int, steps: int, seed: int) -> list[tuple[str, np.ndarray]]:
     """(set name, row indices) for each step; sets drawn in proportion to their size, epochs cycle."""

@@ -65,6 +65,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 32
     mini_batch_size: int = 0
+    chunk_tokens: int = 2048
     learning_rate: float = 2e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -78,6 +79,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 0), ("batch_size", 1), ("mini_batch_size", 0), ("chunk_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,10 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
             kwargs[key] = _build(hint, value, where=f"{where}:{key}")
         else:
             kwargs[key] = _coerce(value, hint, f"{where}:{cls.__name__}.{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a value out of range, named by the dataclass's own check
+        raise ConfigError(f"{where}:{cls.__name__}: {exc}") from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

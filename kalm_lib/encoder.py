@@ -113,16 +113,18 @@ class Encoder(nn.Module):
         """Device of the backbone's parameters."""
         return next(self.backbone.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """Pad to the longest text in the batch (dynamic padding), truncate at ``max_length``."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (special tokens added), truncated at ``max_length``, unpadded."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Pad token-id lists to the longest of them (dynamic padding), on the encoder's device."""
+        batch = self.tokenizer.pad({"input_ids": list(ids)}, return_tensors="pt")
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def features(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """Tokenised texts on the encoder's device."""
-        return {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        """Tokenised texts padded to the longest of them, on the encoder's device."""
+        return self.pad(self.token_ids(texts))
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """Embeddings [B, H] (float32, unit norm) for tokenised features."""

@@ -1,7 +1,8 @@
 """Contrastive training of one stage, on one process or many (accelerate / torch.distributed).
 
 One step: take the planned task-homogeneous global batch, keep this process's shard, embed
-queries, positives and hard negatives in one forward pass (or, with GradCache, in mini-batches),
+queries, positives and hard negatives in length-sorted chunks (:mod:`kalm_lib.chunking`; with
+GradCache, chunk by chunk without keeping the graph),
 compute :class:`KalmContrastiveLoss` against globally gathered candidates, step AdamW and the
 linear warm-up/decay schedule. ``accelerator.save_state`` checkpoints model, optimizer, scheduler
 and every RNG; the step counter fixes the data position, so a resumed run is exact.
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .batching import Batch, batch_plan, make_batch, negatives_per_query
+from .chunking import Chunk, embed_chunks, plan_chunks
 from .data_cards import DataCard
 from .encoder import Encoder
 from .grad_cache import cached_backward
@@ -58,12 +60,23 @@ def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
     return KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing)
 
 
-def batch_loss(model: torch.nn.Module, encoder: Encoder, batch: Batch, loss_fn: KalmContrastiveLoss) -> torch.Tensor:
-    """Loss of one batch, graph kept. Queries, positives and negatives are embedded in separate
-    forward passes, each padded only to its own longest text (definitions vs single words)."""
-    groups = [texts for texts in (batch.queries, batch.positives, batch.negatives) if texts]
-    embeddings = torch.cat([model(encoder.features(texts)) for texts in groups])
-    return loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives)
+def step_chunks(encoder: Encoder, batch: Batch, cfg: TrainConfig) -> list[Chunk]:
+    """The batch's texts cut into length-sorted forward passes. With GradCache a chunk holds at
+    most the padded tokens of ``mini_batch_size`` full-length texts; without, ``chunk_tokens``."""
+    budget = cfg.mini_batch_size * encoder.max_length if cfg.mini_batch_size else cfg.chunk_tokens
+    return plan_chunks(encoder, batch.texts, budget)
+
+
+def batch_loss(model: torch.nn.Module, batch: Batch, chunks: list[Chunk], loss_fn: KalmContrastiveLoss) -> torch.Tensor:
+    """Loss of one batch from its chunks, graph kept."""
+    return stacked_loss(batch, loss_fn)(embed_chunks(model, chunks))
+
+
+def stacked_loss(batch: Batch, loss_fn: KalmContrastiveLoss) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss as a function of the embeddings of ``batch.texts``."""
+    return lambda embeddings: loss_fn.from_stacked(
+        embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives
+    )
 
 
 def _save_progress(state_dir: Path, accelerator: Accelerator, step: int, history: list[dict]) -> None:
@@ -112,10 +125,11 @@ def train_stage(
         name, rows = plan[step]
         frame, card = sets[name]
         batch = make_batch(frame, card, rows, n_neg[name], accelerator.process_index, accelerator.num_processes)
+        chunks = step_chunks(encoder, batch, cfg)
         if cfg.mini_batch_size:
-            loss = cached_backward(model, encoder, batch, loss_fn, cfg.mini_batch_size, accelerator)
+            loss = cached_backward(model, chunks, stacked_loss(batch, loss_fn), accelerator)
         else:
-            loss = batch_loss(model, encoder, batch, loss_fn)
+            loss = batch_loss(model, batch, chunks, loss_fn)
             accelerator.backward(loss)
         # Each process holds the loss of its shard; their mean is the global batch's loss (equal
         # shards). Every process logs and checks that value, so all stop together on a NaN.

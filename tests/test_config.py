@@ -56,3 +56,16 @@ def test_wrong_types_are_rejected(key, value, message):
 def test_missing_profile_file(tmp_path):
     with pytest.raises(ConfigError, match="profile file not found"):
         load_profile(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("finetune.chunk_tokens", 0, r"finetune:TrainConfig: chunk_tokens must be >= 1, got 0"),
+        ("pretrain.batch_size", 0, r"pretrain:TrainConfig: batch_size must be >= 1"),
+        ("finetune.mini_batch_size", -4, r"finetune:TrainConfig: mini_batch_size must be >= 0"),
+    ],
+)
+def test_out_of_range_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", {key: value})

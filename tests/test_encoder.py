@@ -63,7 +63,7 @@ def test_tiny_decoder_checkpoint_round_trip(tmp_path, pooling):
     encoder.save(tmp_path / "ckpt")
     reloaded = encoder_from_checkpoint(tmp_path / "ckpt", cfg)
     assert reloaded.backbone.config.is_causal is False
-    features = encoder.tokenize(TEXTS)
+    features = encoder.features(TEXTS)
     with torch.no_grad():
         encoder.eval(), reloaded.eval()
         torch.testing.assert_close(encoder(features), reloaded(features), atol=1e-6, rtol=0)

@@ -20,7 +20,7 @@ from kalm_lib.config import Profile, TrainConfig
 from kalm_lib.curation import load_train_sets
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
 from kalm_lib.pipeline import open_run
-from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, train_stage
+from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, step_chunks, train_stage
 
 TEXTS = ["a bank lends money", "the bank of the river was steep", "run", "to move fast on foot"]
 
@@ -128,12 +128,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(curated, finet
         encoder.backbone.layers[0].self_attn.register_forward_hook(lambda *_: layer_calls.append(1))
         encoder.train()
         torch.manual_seed(0)  # same mixing draws
-        loss = batch_loss(encoder, encoder, batch, build_loss(profile.finetune))
+        chunks = step_chunks(encoder, batch, profile.finetune)
+        loss = batch_loss(encoder, batch, chunks, build_loss(profile.finetune))
         loss.backward()
         results[checkpointing] = (loss.detach(), [p.grad.clone() for p in encoder.parameters()], len(layer_calls))
     (loss_plain, grads_plain, calls_plain), (loss_ckpt, grads_ckpt, calls_ckpt) = results[False], results[True]
-    # one forward per text group (queries, positives, negatives); checkpointing re-runs each in backward
-    assert (calls_plain, calls_ckpt) == (3, 6)
+    # one forward per chunk; checkpointing re-runs each in backward
+    assert calls_plain == len(chunks) and calls_ckpt == 2 * len(chunks)
     torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=1e-5)
     for plain, ckpt in zip(grads_plain, grads_ckpt):
         torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-5)
@@ -201,4 +202,4 @@ def test_final_folder_reloads_the_trained_weights(curated, trained) -> None:
 def test_final_folder_tokenizes_like_the_trained_encoder(curated, trained) -> None:
     encoder, final = trained
     reloaded = encoder_from_checkpoint(final, curated[0].model)
-    assert reloaded.tokenize(TEXTS)["input_ids"].tolist() == encoder.tokenize(TEXTS)["input_ids"].tolist()
+    assert reloaded.token_ids(TEXTS) == encoder.token_ids(TEXTS)
