@@ -7,8 +7,16 @@ save). CPU: the peak resident set (``VmHWM``, reset to the current RSS by writin
 ``/proc/self/clear_refs`` just before the step; ``ru_maxrss`` where that reset is refused, which
 then also holds the loading peak). CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``. ``delta_mib`` = peak - baseline: activations, gradients, AdamW state
-and temporaries of the step (gradients plus AdamW state alone are 3 x ``params_mib``). Without GradCache a batch is skipped when the previous size's delta,
-scaled linearly, would exceed 3/4 of the free memory.
+and temporaries of the step (gradients plus AdamW state alone are 3 x ``params_mib``). Without
+GradCache a batch is skipped when the previous size's delta, scaled linearly, would exceed 3/4 of
+the free memory.
+
+Sweeps: ``plain`` (the whole step in the graph); ``gradcache`` at a mini-batch of 8 texts (a chunk
+budget of 8 x max_length padded tokens, which the smallest batch already fills, so any growth is
+not a batch too small to fill one chunk); on CPU also ``gradcache_live``, the same runs with
+glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): every larger block is
+mapped on allocation and unmapped on free, so the resident set follows the live tensors instead
+of what glibc's default (a threshold that rises with each freed block) keeps in its heap.
 
     python -m benchmarks.memory [--quick] [--out DIR] [--threads N]
 """
@@ -16,11 +24,12 @@ scaled linearly, would exceed 3/4 of the free memory.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,7 @@ from .common import device, headline, kalm_encoder, load_pairs, out_dir, parser,
 NAME = "memory"
 GOAL = 1.2
 MIB = 2**20
+LIVE_MMAP_THRESHOLD = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class Probe:
     max_length: int
     threads: int
     seed: int
+    mmap_threshold: int = 0  # bytes for MALLOC_MMAP_THRESHOLD_; 0 = glibc's default
 
 
 class PeakMeter:
@@ -109,26 +120,27 @@ def child(probe: Probe) -> dict[str, Any]:
 
 def measure(probe: Probe) -> dict[str, Any]:
     """Run :func:`child` in a fresh interpreter; an ``error`` entry if it failed (e.g. killed for memory)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(probe.mmap_threshold)} if probe.mmap_threshold else None
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(asdict(probe))],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        cwd=REPO_ROOT, capture_output=True, text=True, env=env,
     )
     if done.returncode:
         return {**asdict(probe), "error": f"exit {done.returncode}: {done.stderr[-2000:]}"}
     return {**asdict(probe), **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def sweep(sizes: list[int], mini_batch_size: int, max_length: int, threads: int, seed: int) -> list[dict[str, Any]]:
-    """Measure every batch size; without GradCache, skip sizes predicted to exhaust memory."""
+def sweep(sizes: list[int], base: Probe) -> list[dict[str, Any]]:
+    """Measure ``base`` at every batch size; without GradCache, skip sizes predicted to exhaust memory."""
     rows: list[dict[str, Any]] = []
     for size in sizes:
         done = [r for r in rows if "delta_mib" in r]
-        if not mini_batch_size and done:
+        if not base.mini_batch_size and done:
             predicted = done[-1]["delta_mib"] * size / done[-1]["batch_size"]
             if predicted > 0.75 * free_mib():
                 rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": f"predicted delta {predicted:.0f} MiB > 3/4 of free memory"})
                 continue
-        rows.append(measure(Probe(size, mini_batch_size, max_length, threads, seed)))
+        rows.append(measure(replace(base, batch_size=size)))
     return rows
 
 
@@ -155,23 +167,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = out_dir(args)
     threads = set_threads(args.threads)
     sizes = [8, 16] if args.quick else [32, 64, 128, 256, 512, 1024]
-    mini = 8 if args.quick else 32
+    mini = 4 if args.quick else 8
     max_length = 16 if args.quick else 64
-    raw = {
-        "gradcache": sweep(sizes, mini, max_length, threads, args.seed),
-        "plain": sweep(sizes, 0, max_length, threads, args.seed),
-    }
+    base = Probe(sizes[0], mini, max_length, threads, args.seed)
+    raw = {"gradcache": sweep(sizes, base)}
+    if not torch.cuda.is_available():
+        raw["gradcache_live"] = sweep(sizes, replace(base, mmap_threshold=LIVE_MMAP_THRESHOLD))
+    raw["plain"] = sweep(sizes, replace(base, mini_batch_size=0))
     ratios = {mode: {"delta": ratio(rows, "delta_mib"), "peak": ratio(rows, "peak_mib")} for mode, rows in raw.items()}
+    labels = {"gradcache": "GradCache", "gradcache_live": "GradCache, live (128 KiB mmap threshold)"}
     summary = {
         "rows": [
-            headline(f"step memory delta, batch {span(raw['gradcache'])}, GradCache", ratios["gradcache"]["delta"], GOAL, higher_is_better=False),
+            *(headline(f"step memory delta, batch {span(raw[mode])}, {label}", ratios[mode]["delta"], GOAL, higher_is_better=False)
+              for mode, label in labels.items() if mode in raw),
             headline(f"step memory delta, batch {span(raw['plain'])}, no GradCache", ratios["plain"]["delta"]),
         ],
         "ratios": ratios,
         "device": str(device()),
     }
-    settings = {"batch_sizes": sizes, "mini_batch_size": mini, "max_length": max_length, "threads": threads,
-                "seed": args.seed, "quick": args.quick, "step": "train_stage, 1 step, AdamW (state allocated in the step)"}
+    settings = {"batch_sizes": sizes, "mini_batch_size": mini, "chunk_tokens_gradcache": mini * max_length,
+                "max_length": max_length, "threads": threads, "seed": args.seed, "quick": args.quick,
+                "live_mmap_threshold": LIVE_MMAP_THRESHOLD,
+                "step": "train_stage, 1 step, AdamW (state allocated in the step)"}
     return write_result(out, NAME, settings, raw, summary)
 
 
