@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -45,9 +45,15 @@ class StageResult:
 
 
 def make_accelerator(bf16: bool) -> Accelerator:
-    """Accelerator for this host: bf16 autocast only on CUDA (a no-op request on CPU)."""
+    """Accelerator for this host: bf16 autocast only on CUDA (a no-op request on CPU).
+
+    DDP does not broadcast buffers at each forward: processes cut their shards into different
+    numbers of length-sorted chunks, so per-forward collectives would not pair up (a hang), and
+    the backbones' buffers (position ids, rotary frequencies) are constants anyway.
+    """
     precision = "bf16" if bf16 and torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
