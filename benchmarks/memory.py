@@ -17,6 +17,8 @@ not a batch too small to fill one chunk); on CPU also ``gradcache_live``, the sa
 glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): every larger block is
 mapped on allocation and unmapped on free, so the resident set follows the live tensors instead
 of what glibc's default (a threshold that rises with each freed block) keeps in its heap.
+``step_seconds`` (train_stage's start to the end of its step, setup included) shows what each
+reading's allocator costs in time.
 
     python -m benchmarks.memory [--quick] [--out DIR] [--threads N]
 """
@@ -29,6 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,8 @@ class PeakMeter:
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
         self.peak_mib = 0.0
+        self.seconds = 0.0
+        self.began = time.perf_counter()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.method = "torch.cuda.max_memory_allocated"
@@ -77,7 +82,8 @@ class PeakMeter:
         self.baseline_mib = _proc_status_kib("VmRSS") / 1024
 
     def read(self, *_: object) -> None:
-        """Record the peak so far (train_stage's ``on_log``)."""
+        """Record the peak so far and the seconds since construction (train_stage's ``on_log``)."""
+        self.seconds = time.perf_counter() - self.began
         if self.cuda:
             self.peak_mib = torch.cuda.max_memory_allocated() / MIB
         elif self.method.startswith("VmHWM"):
@@ -115,7 +121,7 @@ def child(probe: Probe) -> dict[str, Any]:
         train_stage(encoder, {card.name: (frame, card)}, cfg, Path(work), probe.seed, on_log=meter.read)
     params_mib = sum(p.numel() * p.element_size() for p in encoder.parameters()) / MIB
     return {"baseline_mib": meter.baseline_mib, "peak_mib": meter.peak_mib, "delta_mib": meter.peak_mib - meter.baseline_mib,
-            "params_mib": params_mib, "method": meter.method}
+            "params_mib": params_mib, "method": meter.method, "step_seconds": meter.seconds}
 
 
 def measure(probe: Probe) -> dict[str, Any]:
@@ -175,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raw["gradcache_live"] = sweep(sizes, replace(base, mmap_threshold=LIVE_MMAP_THRESHOLD))
     raw["plain"] = sweep(sizes, replace(base, mini_batch_size=0))
     ratios = {mode: {"delta": ratio(rows, "delta_mib"), "peak": ratio(rows, "peak_mib")} for mode, rows in raw.items()}
+    if "gradcache_live" in raw:
+        ratios["gradcache_live"]["step_seconds_over_default"] = [
+            live["step_seconds"] / default["step_seconds"] for live, default in zip(raw["gradcache_live"], raw["gradcache"])
+        ]
     labels = {"gradcache": "GradCache", "gradcache_live": "GradCache, live (128 KiB mmap threshold)"}
     summary = {
         "rows": [

@@ -80,8 +80,11 @@ def test_memory(quick_results):
         for row in rows:
             assert "error" not in row, row.get("error")
             assert _positive(row["delta_mib"]) and row["peak_mib"] >= row["baseline_mib"]
+            assert _positive(row["step_seconds"])
         assert _positive(payload["summary"]["ratios"][mode]["delta"])
     assert [row["goal"] for row in payload["summary"]["rows"]] == ["<= 1.2", "<= 1.2", None]
+    slowdown = payload["summary"]["ratios"]["gradcache_live"]["step_seconds_over_default"]
+    assert len(slowdown) == len(payload["settings"]["batch_sizes"]) and all(map(_positive, slowdown))
 
 
 def test_mfu(quick_results):
