@@ -12,8 +12,8 @@ GradCache a batch is skipped when the previous size's delta, scaled linearly, wo
 the free memory.
 
 Sweeps: ``plain`` (the whole step in the graph); ``gradcache`` at a mini-batch of 8 texts (a chunk
-budget of 8 x max_length padded tokens, which the smallest batch already fills, so any growth is
-not a batch too small to fill one chunk); on CPU also ``gradcache_live``, the same runs with
+budget of 8 x max_length padded tokens, filled from batch 128 on; at 32 and 64 the padding cap
+closes the largest chunk a little short of it, so those batches read somewhat lower); on CPU also ``gradcache_live``, the same runs with
 glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): every larger block is
 mapped on allocation and unmapped on free, so the resident set follows the live tensors instead
 of what glibc's default (a threshold that rises with each freed block) keeps in its heap.
