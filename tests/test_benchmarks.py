@@ -72,19 +72,49 @@ def test_encode_throughput(quick_results):
 
 def test_memory(quick_results):
     payload = quick_results[1]["memory"]
-    assert set(payload["raw"]) == {"gradcache", "gradcache_live", "plain"}  # CPU: with the live reading
-    assert all(r["mmap_threshold"] == 131072 for r in payload["raw"]["gradcache_live"])
-    for mode in payload["raw"]:
-        rows = payload["raw"][mode]
-        assert [r["batch_size"] for r in rows] == payload["settings"]["batch_sizes"]
+    raw, settings = payload["raw"], payload["settings"]
+    # CPU: tensor readings with and without GradCache, RSS with glibc's default and the live threshold.
+    assert set(raw) == {"gradcache_tensors", "gradcache_rss", "gradcache_rss_live", "plain_tensors", "plain_rss"}
+    assert all(r["mmap_threshold"] == 131072 for r in raw["gradcache_rss_live"])
+    for mode, rows in raw.items():
+        assert [r["batch_size"] for r in rows] == settings["batch_sizes"]
         for row in rows:
             assert "error" not in row, row.get("error")
-            assert _positive(row["delta_mib"]) and row["peak_mib"] >= row["baseline_mib"]
-            assert _positive(row["step_seconds"])
-        assert _positive(payload["summary"]["ratios"][mode]["delta"])
-    assert [row["goal"] for row in payload["summary"]["rows"]] == ["<= 1.2", "<= 1.2", None]
-    slowdown = payload["summary"]["ratios"]["gradcache_live"]["step_seconds_over_default"]
-    assert len(slowdown) == len(payload["settings"]["batch_sizes"]) and all(map(_positive, slowdown))
+            assert _positive(row["delta_mib"]) and _positive(row["step_seconds"])
+            if row["reading"] == "rss":
+                assert row["peak_mib"] >= row["baseline_mib"]
+                assert len(row["readings"]) == (settings["rss_repeats"] if mode.startswith("gradcache") else 1)
+                assert row["delta_mib"] == sorted(r["delta_mib"] for r in row["readings"])[len(row["readings"]) // 2]
+            else:
+                assert 0 < row["before_optimizer_mib"] <= row["delta_mib"]
+        assert _positive(payload["summary"]["ratios"][mode]["delta_mib"])
+    assert [row["goal"] for row in payload["summary"]["rows"]] == ["<= 1.2"] * 4 + [None] * 3
+    slowdown = payload["summary"]["live_step_seconds_over_default"]
+    assert len(slowdown) == len(settings["batch_sizes"]) and all(map(_positive, slowdown))
+
+
+def test_profiled_peaks_follow_allocations_and_frees():
+    """The CPU tensor reading: running peak of the profiler's allocation events, split at the optimizer step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.memory import profiled_peaks
+
+    mib = 2**20
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)  # 3 MiB held: the peak before the optimizer
+        del a
+        c = torch.empty(mib // 2, dtype=torch.uint8)  # 2.5 MiB
+        optimizer.step()
+        d = torch.empty(4 * mib, dtype=torch.uint8)  # 6.5 MiB: the step's peak
+        del b, c, d
+    peaks = profiled_peaks(prof)
+    assert abs(peaks.before_optimizer - 3 * mib) < 64 * 1024
+    assert abs(peaks.step - 6.5 * mib) < 64 * 1024
 
 
 def test_mfu(quick_results):
