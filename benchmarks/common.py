@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from kalm_lib.builders import oewn_gloss_pairs
 from kalm_lib.config import REPO_ROOT, ModelConfig, TrainConfig
 from kalm_lib.data_cards import DataCard, load_cards
 from kalm_lib.encoder import Encoder, load_encoder
+from kalm_lib.manifest import git_state
 from kalm_lib.sources import load_source
 from kalm_lib.training import step_chunks
 
@@ -95,15 +95,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def git_state() -> dict[str, Any]:
-    """Commit of the checkout and whether it has uncommitted changes (the benchmarks' own output
-    folder does not count: earlier scripts of the same run write there)."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", ".", f":!{RESULTS_DIR.relative_to(REPO_ROOT)}"))}
-
-
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -126,7 +117,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in PACKAGES},
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-        "git": git_state(),
+        "git": git_state(REPO_ROOT, exclude=[str(RESULTS_DIR.relative_to(REPO_ROOT))]),
     }
 
 

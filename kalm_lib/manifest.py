@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,12 +18,14 @@ TRACKED_PACKAGES = (
 )
 
 
-def git_state(repo_root: Path) -> dict[str, object]:
-    """Commit hash and whether the work tree had uncommitted changes."""
+def git_state(repo_root: Path, exclude: Sequence[str] = ()) -> dict[str, object]:
+    """Commit hash and whether tracked files had uncommitted changes (paths under ``exclude``,
+    relative to ``repo_root``, do not count: e.g. a folder the same run is writing)."""
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"commit": run("rev-parse", "HEAD") or "unknown", "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    changes = run("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{path}" for path in exclude))
+    return {"commit": run("rev-parse", "HEAD") or "unknown", "dirty": bool(changes)}
 
 
 def package_versions() -> dict[str, str]:

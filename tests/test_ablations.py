@@ -13,6 +13,9 @@ def test_shipped_grids_validate():
     assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
     assert {"no_focal", "no_mixing", "no_stage1", "last_token_pooling"} <= set(grid.variants)
     assert "causal_attention" in load_grid(REPO_ROOT / "kalm_lib" / "grids" / "gpu-ablations.yaml").variants
+    for path in sorted((REPO_ROOT / "kalm_lib" / "grids").glob("*.yaml")):  # every override names a real field
+        shipped = load_grid(path)
+        assert shipped.variants[shipped.reference] == {}, path.name
 
 
 def test_bad_grids_are_rejected(tmp_path):
