@@ -1,11 +1,11 @@
 """Peak memory of one kalm_lib training step vs batch size, with and without GradCache.
 
 Each measurement runs in a fresh child process (``--child``): load the packaged all-MiniLM-L6-v2
-and one batch of real (gloss -> lemma) pairs, free what loading left behind (garbage collection,
-then glibc's ``malloc_trim``), note the baseline, run ``train_stage`` for one step and read the
-peak in its ``on_log`` callback (after the optimizer step, before the final save). ``delta_mib`` =
-peak - baseline: activations, gradients, AdamW state and temporaries of the step (gradients plus
-AdamW state alone are 3 x ``params_mib``).
+and one batch of real (gloss -> lemma) pairs, free what loading left behind (:func:`settle`), note
+the baseline, run ``train_stage`` for one step and read the peak in its ``on_log`` callback (after
+the optimizer step, before the final save). ``delta_mib`` = peak - baseline: activations,
+gradients, AdamW state and temporaries of the step (gradients plus AdamW state alone are
+3 x ``params_mib``).
 
 Two readings:
 
@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.profiler import ProfilerActivity, profile
@@ -87,9 +88,12 @@ def _proc_status_kib(field: str) -> int:
 
 
 def settle() -> None:
-    """Free what loading left behind before the baseline: collect garbage, then (glibc) hand the
-    heap's free pages back to the system, so the baseline is what the process still holds."""
+    """Free what loading left behind before the baseline: collect garbage, have Arrow's allocator
+    (jemalloc by default, which otherwise purges the pages freed by loading at a time of its own,
+    inside the step or not) and glibc hand their free pages back, so the baseline is what the
+    process still holds."""
     gc.collect()
+    pyarrow.default_memory_pool().release_unused()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)

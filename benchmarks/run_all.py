@@ -36,10 +36,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
-    """The summary table plus one line naming the machine, versions and commit."""
+def _code(payloads: dict[str, dict[str, Any]]) -> str:
+    """The commit the results came from, or each benchmark's where a later run replaced only some."""
+    def short(git: dict[str, Any]) -> str:
+        return f"{(git['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if git['dirty'] else ''}"
+
+    commits = {name: short(p["machine"]["git"]) for name, p in payloads.items()}
+    if len(set(commits.values())) == 1:
+        return f"commit {next(iter(commits.values()))}"
+    return "commits: " + ", ".join(f"{name} {commit}" for name, commit in commits.items())
+
+
+def markdown(rows: list[dict[str, Any]], payloads: dict[str, dict[str, Any]]) -> str:
+    """The summary table plus one line naming the machine, versions, commit(s) and time."""
+    machine = next(iter(payloads.values()))["machine"]
     versions = machine["versions"]
-    git = machine["git"]
+    times = sorted(p["machine"]["utc_time"] for p in payloads.values())
     lines = [
         "| benchmark | metric | value | goal | met |",
         "| --- | --- | --- | --- | --- |",
@@ -48,7 +60,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         f"{machine['processor']}, {machine['usable_cores']} usable cores, torch threads {machine['torch_threads']}, "
         f"{machine['cuda_device'] or 'no GPU'}; torch {versions['torch']}, transformers {versions['transformers']}, "
         f"sentence-transformers {versions['sentence-transformers']}, Python {machine['python']}; "
-        f"commit {(git['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if git['dirty'] else ''}; {machine['utc_time']} UTC.",
+        f"{_code(payloads)}; {times[0]}{f' to {times[-1]}' if times[-1] != times[0] else ''} UTC.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -63,10 +75,10 @@ def summarise(out: Path, names: tuple[str, ...] = BENCHMARKS) -> dict[str, Any]:
     summary = {
         "machine": machine,
         "rows": rows,
-        "benchmarks": {name: {"settings": p["settings"], "summary": p["summary"], "utc_time": p["machine"]["utc_time"]} for name, p in payloads.items()},
+        "benchmarks": {name: {"settings": p["settings"], "summary": p["summary"], "utc_time": p["machine"]["utc_time"], "git": p["machine"]["git"]} for name, p in payloads.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(rows, machine))
+    (out / "summary.md").write_text(markdown(rows, payloads))
     return summary
 
 

@@ -143,6 +143,21 @@ def test_run_all_summary(quick_results):
     table = (out / "summary.md").read_text()
     assert table.startswith("| benchmark | metric | value | goal | met |")
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert "; commit " in table  # one run: one commit
+
+
+def test_run_all_summary_names_each_commit_after_a_partial_rerun(quick_results, tmp_path):
+    from benchmarks.run_all import summarise
+
+    out, payloads = quick_results
+    for name, payload in payloads.items():
+        if name == "memory":
+            payload = {**payload, "machine": {**payload["machine"], "git": {"commit": "f" * 40, "dirty": False}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    summary = summarise(tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert "commits: " in table and "memory ffffffffff" in table
+    assert summary["benchmarks"]["memory"]["git"]["commit"] == "f" * 40
 
 
 def test_repeats_default_quick_and_explicit():
