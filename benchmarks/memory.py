@@ -20,8 +20,9 @@ Two readings:
   (``file_growth_mib``, RssFile's growth). Taken with glibc's default malloc (a mmap threshold
   that rises with every freed block, so freed activations stay in the heap) and, as ``rss_live``,
   with the threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``: larger blocks are unmapped when
-  freed). RSS readings move by tens of MiB between processes, so each is the median of
-  ``--repeats`` children (every reading is kept).
+  freed). RSS readings move by tens of MiB between processes, so each GradCache reading is the
+  median of ``--repeats`` children (every reading is kept); the plain sweep, which grows tenfold
+  and more, is read once.
 
 Sweeps: ``gradcache`` at a mini-batch of 8 texts (a chunk budget of 8 x max_length padded tokens,
 filled from batch 128 on; at 32 and 64 the padding cap closes the largest chunk a little short of
