@@ -39,7 +39,7 @@ def _cell(value: Any) -> str:
 def _code(payloads: dict[str, dict[str, Any]]) -> str:
     """The commit the results came from, or each benchmark's where a later run replaced only some."""
     def short(git: dict[str, Any]) -> str:
-        return f"{(git['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if git['dirty'] else ''}"
+        return f"{git['commit'][:10]}{' (uncommitted changes)' if git['dirty'] else ''}"
 
     commits = {name: short(p["machine"]["git"]) for name, p in payloads.items()}
     if len(set(commits.values())) == 1:
