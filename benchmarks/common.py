@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,16 @@ import transformers
 
 from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
 from kalm_lib.builders import oewn_gloss_pairs
-from kalm_lib.config import REPO_ROOT, ModelConfig, TrainConfig
+from kalm_lib.config import ModelConfig, TrainConfig
 from kalm_lib.data_cards import DataCard, load_cards
 from kalm_lib.encoder import Encoder, load_encoder
+from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RESULTS_DIR
 from kalm_lib.manifest import git_state
 from kalm_lib.sources import load_source
 from kalm_lib.training import step_chunks
 
-CARDS_DIR = REPO_ROOT / "data_cards" / "offline"
-RESULTS_DIR = REPO_ROOT / "results" / "benchmarks"
+CARDS_DIR = DATA_CARDS_DIR / "offline"
+BENCHMARK_RESULTS_DIR = RESULTS_DIR / "benchmarks"
 PACKAGES = ("torch", "transformers", "sentence-transformers", "accelerate", "datasets", "numpy")
 
 
@@ -51,7 +52,7 @@ def parser(description: str, repeats: int | None = None) -> argparse.ArgumentPar
     ``--repeats`` (alternated rounds, ``repeats`` by default) for the timing scripts."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), to check the script; not a measurement")
-    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; a temp folder with --quick)")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {BENCHMARK_RESULTS_DIR}; a temp folder with --quick)")
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
     if repeats is not None:
@@ -72,7 +73,7 @@ def out_dir(args: argparse.Namespace) -> Path:
     elif args.quick:
         path = Path(tempfile.mkdtemp(prefix="kalm-bench-"))
     else:
-        path = RESULTS_DIR
+        path = BENCHMARK_RESULTS_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -108,7 +109,7 @@ def machine_info() -> dict[str, Any]:
     """Where and with what the numbers were taken."""
     cuda = torch.cuda.is_available()
     return {
-        "utc_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "utc_time": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
@@ -117,7 +118,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in PACKAGES},
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-        "git": git_state(REPO_ROOT, exclude=[str(RESULTS_DIR.relative_to(REPO_ROOT))]),
+        "git": git_state(REPO_ROOT, exclude=[str(BENCHMARK_RESULTS_DIR.relative_to(REPO_ROOT))]),
     }
 
 

@@ -55,7 +55,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.profiler import ProfilerActivity, profile
 
-from kalm_lib.config import REPO_ROOT, TrainConfig
+from kalm_lib.config import TrainConfig
+from kalm_lib.layout import REPO_ROOT
 from kalm_lib.training import train_stage
 
 from .common import device, headline, kalm_encoder, load_pairs, out_dir, parser, rounds, set_threads, write_result
@@ -266,7 +267,8 @@ def sweep(sizes: list[int], base: Probe, repeats: int) -> list[dict[str, Any]]:
         if not base.mini_batch_size and done:
             predicted = done[-1]["delta_mib"] * size / done[-1]["batch_size"]
             if predicted > 0.75 * free_mib():
-                rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": f"predicted delta {predicted:.0f} MiB > 3/4 of free memory"})
+                skipped = f"predicted delta {predicted:.0f} MiB > 3/4 of free memory"
+                rows.append({"batch_size": size, "mini_batch_size": 0, "skipped": skipped})
                 continue
         rows.append(measure(replace(base, batch_size=size), repeats))
     return rows
@@ -309,7 +311,8 @@ def sweeps(sizes: list[int], base: Probe, repeats: int) -> dict[str, list[dict[s
 
 HEADLINES = (  # (sweep, figure, label); GradCache rows carry the goal
     ("gradcache_tensors", "delta_mib", "peak tensor memory delta of a step, {span}, GradCache"),
-    ("gradcache_tensors", "before_optimizer_mib", "peak tensor memory before the optimizer step (activations, gradients), {span}, GradCache"),
+    ("gradcache_tensors", "before_optimizer_mib",
+     "peak tensor memory before the optimizer step (activations, gradients), {span}, GradCache"),
     ("gradcache_rss", "delta_mib", "peak RSS delta of a step, {span}, GradCache, glibc default"),
     ("gradcache_rss_live", "delta_mib", "peak RSS delta of a step, {span}, GradCache, live (128 KiB mmap threshold)"),
     ("plain_tensors", "delta_mib", "peak tensor memory delta of a step, {span}, no GradCache"),

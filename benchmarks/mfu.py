@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     frame, card = load_pairs(settings.batch_size * settings.steps, settings.seed)
     encoder = kalm_encoder(settings.max_length)
-    real = [token_counts(encoder, b, train_config(settings))["real"] for b in planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)]
+    batches = planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)
+    real = [token_counts(encoder, b, train_config(settings))["real"] for b in batches]
     n_params = non_embedding_params(encoder.backbone)
     step_flops = train(settings, frame, card, count_flops=True)["step_flops"]
     raw = alternate(

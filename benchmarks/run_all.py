@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kalm_lib.config import REPO_ROOT
+from kalm_lib.layout import REPO_ROOT
 
 from .common import out_dir, parser
 
@@ -75,7 +75,10 @@ def summarise(out: Path, names: tuple[str, ...] = BENCHMARKS) -> dict[str, Any]:
     summary = {
         "machine": machine,
         "rows": rows,
-        "benchmarks": {name: {"settings": p["settings"], "summary": p["summary"], "utc_time": p["machine"]["utc_time"], "git": p["machine"]["git"]} for name, p in payloads.items()},
+        "benchmarks": {
+            name: {"settings": p["settings"], "summary": p["summary"], "utc_time": p["machine"]["utc_time"], "git": p["machine"]["git"]}
+            for name, p in payloads.items()
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(rows, payloads))

@@ -69,7 +69,8 @@ def long_pairs(rows: int, seed: int) -> pd.DataFrame:
     """``rows`` (query, positive) pairs, each text ``GLOSSES_PER_TEXT`` real glosses joined."""
     glosses = load_glosses(2 * rows * GLOSSES_PER_TEXT, seed)
     texts = [" ".join(glosses[i : i + GLOSSES_PER_TEXT]) for i in range(0, len(glosses), GLOSSES_PER_TEXT)]
-    return pd.DataFrame({"query": texts[0::2], "positive": texts[1::2], "negatives": [[] for _ in range(rows)], "words": [[] for _ in range(rows)]})
+    empty = [[] for _ in range(rows)]
+    return pd.DataFrame({"query": texts[0::2], "positive": texts[1::2], "negatives": empty, "words": [[] for _ in range(rows)]})
 
 
 def point_config(point: Point, steps: int) -> TrainConfig:

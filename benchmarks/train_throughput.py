@@ -244,10 +244,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             headline(f"train pairs/s kalm/ST ({name}, batch {m['case']['batch_size']})", m["ratio_kalm_over_st"], GOAL)
             for name, m in measured.items()
         ],
-        **{name: {k: m[k] for k in ("median", "ratio_kalm_over_st", "kalm_padding_share", "st_padding_share")} for name, m in measured.items()},
+        **{
+            name: {k: m[k] for k in ("median", "ratio_kalm_over_st", "kalm_padding_share", "st_padding_share")}
+            for name, m in measured.items()
+        },
     }
     settings_out = {**asdict(settings), "threads": threads, "quick": args.quick, "data": str(args.data or "oewn_glosses"),
-                    "cases": [asdict(c) for c in cases(args.quick)], "optimizer": "torch.optim.AdamW(fused=True) on both sides (HF also exempts biases/LayerNorm from decay, same cost)",
+                    "cases": [asdict(c) for c in cases(args.quick)],
+                    "optimizer": "torch.optim.AdamW(fused=True) on both sides (HF also exempts biases/LayerNorm from decay, same cost)",
                     "timed": "steps 2..N, end of optimizer step to end of next"}
     return write_result(out, NAME, settings_out, measured, summary)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import REPO_ROOT, ConfigError
+from .config import ConfigError
 from .data_cards import DataCardError
+from .layout import RUNS_DIR, RunLayout
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -56,12 +57,12 @@ def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = No
         overrides["finetune.seeds"] = [seed]
     elif seed is not None:
         overrides["seed"] = seed
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / "data").is_dir():
-        raise FileNotFoundError(f"{run_dir / 'data'} not found: curate first (notebook 00 / pipeline.run_curation)")
-    if stage == "finetune" and not pipeline.stage1_dir(run_dir).is_dir():
-        raise FileNotFoundError(f"{pipeline.stage1_dir(run_dir)} not found: run --stage pretrain first")
-    cfg, run_dir = pipeline.open_run(profile, run_dir, overrides)
+    layout = RunLayout(Path(run_dir).expanduser().resolve())
+    if not layout.data.is_dir():
+        raise FileNotFoundError(f"{layout.data} not found: curate first (notebook 00 / pipeline.run_curation)")
+    if stage == "finetune" and not layout.stage1.final.is_dir():
+        raise FileNotFoundError(f"{layout.stage1.final} not found: run --stage pretrain first")
+    cfg, run_dir = pipeline.open_run(profile, layout.root, overrides)
     # Initialise the process group (same device choice as training.make_accelerator) before the
     # stage functions ask which process writes the run-level files.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook series with papermill")
     run.add_argument("--profile", default="cpu", help="profile name (kalm_lib/profiles) or YAML path")
-    run.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
+    run.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     run.add_argument("--name", default=None, help="run folder name (default: profile + UTC time)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a profile parameter, e.g. --set finetune.focal_gamma=0")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a profile parameter, e.g. --set pretrain.steps=10")
     grid = sub.add_parser("grid", help="run an ablation grid (every variant through the notebook series) and its report")
     grid.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. kalm_lib/grids/cpu-ablations.yaml")
-    grid.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
+    grid.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -116,7 +117,7 @@ def _notebook_command(label: str, start: Callable[[], Path]) -> int:
         print(f"error in notebook cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
         return 1
     print(f"{label} complete: {folder}")
-    print(f"report: {folder / 'report.html'}")
+    print(f"report: {RunLayout(folder).report_html}")
     return 0
 
 

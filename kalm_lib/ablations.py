@@ -16,9 +16,8 @@ Seeds are the profile's ``finetune.seeds``: every variant trains the same seeds,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,13 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from .config import REPO_ROOT, ConfigError, load_profile
+from .config import ConfigError, load_profile
+from .layout import NOTEBOOKS_DIR, REPO_ROOT, GridLayout, RunLayout, is_soup_label, stage2_seed
 from .manifest import git_state, machine_info, package_versions
-from .runner import NOTEBOOKS_DIR, REPORT_NOTEBOOK, execute, render_report, run_series
+from .outputs import write_output
+from .runner import REPORT_NOTEBOOK, execute, render_report, run_series
 
 UPSTREAM_SECTIONS = ("data.", "model.", "pretrain.", "seed")
-SINGLE_PREFIX = "stage2_seed"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def load_grid(path: Path) -> Grid:
     reference = raw.get("reference", "")
     if reference not in variants:
         raise ConfigError(f"{path}: 'reference' must name one of the variants {sorted(variants)}")
-    for name, overrides in variants.items():
+    for overrides in variants.values():
         load_profile(raw.get("profile", "cpu"), overrides or {})
     return Grid(raw.get("profile", "cpu"), reference, {k: dict(v or {}) for k, v in variants.items()})
 
@@ -73,45 +73,44 @@ def variant_eval_overrides(reused: bool) -> dict[str, Any]:
 
 def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
     """Run every variant (reference first) into ``runs_dir/name/<variant>``; return the grid folder."""
-    folder = runs_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    reference = folder / grid.reference
+    layout = GridLayout(runs_dir / name)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    reference = layout.variant(grid.reference).root
     if not reference.exists():
-        run_series(grid.profile, folder, grid.reference, grid.variants[grid.reference])
+        run_series(grid.profile, layout.root, grid.reference, grid.variants[grid.reference])
     for variant, overrides in grid.variants.items():
-        if variant == grid.reference or (folder / variant).exists():
+        if variant == grid.reference or layout.variant(variant).root.exists():
             continue
         reuse = None if needs_own_upstream(overrides) else reference
-        run_series(grid.profile, folder, variant, {**overrides, **variant_eval_overrides(reuse is not None)}, reuse_from=reuse)
-    report = folder / "report.ipynb"
+        run_series(grid.profile, layout.root, variant, {**overrides, **variant_eval_overrides(reuse is not None)}, reuse_from=reuse)
     parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],
-                  "grid_dir": str(folder.resolve()), "grid_reference": grid.reference}
-    seconds = execute(NOTEBOOKS_DIR / REPORT_NOTEBOOK, report, parameters)
-    render_report(report, folder / "report.html")
+                  "grid_dir": str(layout.root.resolve()), "grid_reference": grid.reference}
+    seconds = execute(NOTEBOOKS_DIR / REPORT_NOTEBOOK, layout.report_notebook, parameters)
+    render_report(layout.report_notebook, layout.report_html)
     manifest = {
         "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants},
-        "runs": {variant: f"{variant}/manifest.json" for variant in grid.variants},
+        "runs": {variant: str(layout.variant(variant).manifest.relative_to(layout.root)) for variant in grid.variants},
         "git": git_state(REPO_ROOT), "packages": package_versions(), "machine": machine_info(),
-        "report_seconds": seconds, "finished_utc": datetime.now(timezone.utc).isoformat(),
+        "report_seconds": seconds, "finished_utc": datetime.now(UTC).isoformat(),
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return folder
+    write_output(manifest, layout.manifest)
+    return layout.root
 
 
 def run_scores(run_dir: Path, variant: str) -> pd.DataFrame:
     """Main scores of one run: columns variant, model, seed (stage-2 seed or <NA>), task, score."""
-    scores = pd.read_csv(run_dir / "metrics" / "mteb_scores.csv")
+    scores = pd.read_csv(RunLayout(run_dir).mteb_scores)
     table = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"}).assign(variant=variant)
-    table["seed"] = table["model"].str.extract(rf"^{SINGLE_PREFIX}(\d+)$")[0].astype("Int64")
+    table["seed"] = pd.array([stage2_seed(model) for model in table["model"]], dtype="Int64")
     return table.reset_index(drop=True)
 
 
 def collect(grid_dir: Path) -> pd.DataFrame:
     """Main scores of every variant run under ``grid_dir``."""
-    runs = sorted(path.parent.parent for path in grid_dir.glob("*/metrics/mteb_scores.csv"))
+    runs = GridLayout(grid_dir).variant_runs()
     if not runs:
-        raise FileNotFoundError(f"no runs with metrics/mteb_scores.csv under {grid_dir}")
-    return pd.concat([run_scores(run, run.name) for run in runs], ignore_index=True)
+        raise FileNotFoundError(f"no runs with evaluation scores under {grid_dir}")
+    return pd.concat([run_scores(run.root, run.root.name) for run in runs], ignore_index=True)
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -144,7 +143,7 @@ def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (variant, task), group in table.groupby(["variant", "task"]):
         singles = group[group["seed"].notna()]["score"]
-        for _, soup in group[group["model"].str.fullmatch(r"soup_[a-z]+")].iterrows():
+        for _, soup in group[group["model"].map(is_soup_label)].iterrows():
             rows.append({"variant": variant, "task": task, "soup": soup["model"], "soup_score": soup["score"],
                          "best_single": singles.max(), "mean_single": singles.mean(),
                          "soup_minus_best": soup["score"] - singles.max()})

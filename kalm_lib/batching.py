@@ -13,11 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .data_cards import DataCard
-
-
-def format_query(text: str, instruction: str) -> str:
-    """KaLM input format for instructed texts: ``Instruct: {instruction} \\n Query: {text}``."""
-    return f"Instruct: {instruction} \n Query: {text}" if instruction else text
+from .instructions import format_instructed
 
 
 @dataclass(frozen=True)
@@ -68,9 +64,9 @@ def make_batch(frame: pd.DataFrame, card: DataCard, rows: np.ndarray, n_neg: int
     doc_instruction = card.instruction if card.symmetric else ""
     return Batch(
         source=card.name,
-        queries=[format_query(t, card.instruction) for t in part["query"]],
-        positives=[format_query(t, doc_instruction) for t in part["positive"]],
-        negatives=[format_query(n, doc_instruction) for negs in part["negatives"] for n in list(negs)[:n_neg]],
+        queries=[format_instructed(card.instruction, t) for t in part["query"]],
+        positives=[format_instructed(doc_instruction, t) for t in part["positive"]],
+        negatives=[format_instructed(doc_instruction, n) for negs in part["negatives"] for n in list(negs)[:n_neg]],
         negatives_per_query=n_neg,
         in_batch_negatives=card.in_batch_negatives,
     )

@@ -1,22 +1,26 @@
 """Run configuration: typed dataclasses filled from a profile YAML plus dotted overrides.
 
-A profile (``kalm_lib/profiles/<name>.yaml``) names every knob of the study. Notebooks receive the
-profile name and a dict of dotted overrides (``{"finetune.focal_gamma": 0.0}``) from papermill;
-unknown profiles, sections or fields stop with an error that names them.
+This file is the one config surface of the study: every knob is a field below, with its default
+and a comment saying what it does. A profile (``kalm_lib/profiles/<name>.yaml``) sets some of them
+per section (``data``, ``model``, ``pretrain``, ``finetune``, ``soup``, ``evaluation``). Notebooks
+receive the profile name and a dict of dotted overrides (``{"finetune.focal_gamma": 0.0}``) from
+papermill; unknown profiles, sections or fields stop with an error that names them, and values out
+of range are rejected when the profile loads, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+from .layout import PROFILES_DIR
+
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
@@ -28,18 +32,18 @@ class ConfigError(ValueError):
 class DataConfig:
     """Curation: which data cards to read and how much of each derived set to keep."""
 
-    cards_dir: str = "data_cards/offline"
-    eval_word_fraction: float = 0.1
-    max_stage1_pairs_per_source: int = 20000
-    max_stage2_per_source: int = 4000
-    min_chars: int = 2
+    cards_dir: str = "data_cards/offline"  # folder of source + derived cards, relative to the repo root
+    eval_word_fraction: float = 0.1  # share of words held out (stable hash) for the test split; as many again for validation
+    max_stage1_pairs_per_source: int = 20000  # cap per stage-1 derived set, after filtering
+    max_stage2_per_source: int = 4000  # cap per stage-2 derived set, after filtering
+    min_chars: int = 2  # length filter on query and positive, in characters
     max_chars: int = 400
-    near_dup_threshold: float = 0.85
-    eval_retrieval_queries: int = 500
-    eval_pairs: int = 600
-    eval_clusters: int = 40
-    hard_negatives: int = 3
-    hard_negative_rank_min: int = 10
+    near_dup_threshold: float = 0.85  # MinHash Jaccard above which a row is a near-duplicate of an earlier one
+    eval_retrieval_queries: int = 500  # size of the held-out definition-retrieval task (queries)
+    eval_pairs: int = 600  # size of the held-out synonym/antonym pair task (pairs)
+    eval_clusters: int = 40  # size of the held-out synset clustering task (clusters)
+    hard_negatives: int = 3  # M: hard negatives per stage-2 row (given ones first, then mined)
+    hard_negative_rank_min: int = 10  # mining window [rank_min, rank_max) of the ranked candidate pool
     hard_negative_rank_max: int = 50
 
 
@@ -47,38 +51,38 @@ class DataConfig:
 class ModelConfig:
     """The backbone: name or path, pooling, attention switch and numerics."""
 
-    name_or_path: str = PACKAGED_MINILM
-    pooling: str = "mean"
-    bidirectional: bool = True
-    attn_implementation: str = "sdpa"
-    max_length: int = 64
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    random_init: dict[str, Any] = field(default_factory=dict)
+    name_or_path: str = PACKAGED_MINILM  # packaged alias, a local folder, or a hub id (e.g. Qwen/Qwen2-0.5B)
+    pooling: str = "mean"  # mean (the paper's), last (last real token) or cls
+    bidirectional: bool = True  # drop a decoder's causal mask (an encoder is bidirectional already)
+    attn_implementation: str = "sdpa"  # sdpa or eager (transformers attention kernels)
+    max_length: int = 64  # tokens per text; longer texts are truncated
+    bf16: bool = False  # bf16 autocast on CUDA (ignored on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    random_init: dict[str, Any] = field(default_factory=dict)  # {model_type, sizes...}: a random model from a config (tests)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One contrastive stage (pre-training or fine-tuning)."""
 
-    enabled: bool = True
-    steps: int = 100
-    batch_size: int = 32
-    mini_batch_size: int = 0
-    chunk_tokens: int = 2048
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    temperature: float = 0.05
-    focal_gamma: float = 0.0
-    hard_negative_mixing: bool = False
-    mixing_top_k: int = 4
-    mixing_pairs: int = 2
-    mixing_query: int = 1
-    mixing_query_beta_max: float = 0.5
-    checkpoint_every: int = 0
-    log_every: int = 10
-    seeds: list[int] = field(default_factory=lambda: [0])
+    enabled: bool = True  # false: skip the stage (stage 1 off saves the base model as its output)
+    steps: int = 100  # optimizer steps
+    batch_size: int = 32  # global batch (queries), split evenly over processes; one derived set per batch
+    mini_batch_size: int = 0  # > 0: GradCache, chunks of at most mini_batch_size x max_length padded tokens
+    chunk_tokens: int = 2048  # padded tokens per length-sorted forward chunk without GradCache
+    learning_rate: float = 2e-5  # AdamW peak learning rate (linear warm-up, then linear decay to 0)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_ratio: float = 0.1  # share of steps spent warming up
+    temperature: float = 0.05  # tau in exp(cos / tau)
+    focal_gamma: float = 0.0  # gamma of the focal weight (1 - p)^gamma on -log p; 0 = plain InfoNCE
+    hard_negative_mixing: bool = False  # synthesise extra hard negatives per query inside the batch
+    mixing_top_k: int = 4  # mix from each query's k hardest negatives
+    mixing_pairs: int = 2  # synthetic negatives mixing two hard negatives, per query
+    mixing_query: int = 1  # synthetic negatives mixing the query into a hard negative, per query
+    mixing_query_beta_max: float = 0.5  # query share beta ~ U(0, beta_max) in those, <= 0.5
+    checkpoint_every: int = 0  # > 0: save a resumable state every this many steps
+    log_every: int = 10  # steps between progress callbacks
+    seeds: list[int] = field(default_factory=lambda: [0])  # stage 2: one run per seed (the soup's ingredients)
 
     def __post_init__(self) -> None:
         for name, low in (("steps", 0), ("batch_size", 1), ("mini_batch_size", 0), ("chunk_tokens", 1)):
@@ -90,37 +94,37 @@ class TrainConfig:
 class SoupConfig:
     """Stage 3: which soups to build from the stage-2 checkpoints."""
 
-    methods: list[str] = field(default_factory=lambda: ["uniform", "greedy"])
-    selection_task: str = "KalmDefinitionRetrieval"
+    methods: list[str] = field(default_factory=lambda: ["uniform", "greedy"])  # uniform: mean of all; greedy: best-first
+    selection_task: str = "KalmDefinitionRetrieval"  # validation-split task that ranks checkpoints for greedy
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """MTEB evaluation: local offline tasks and, on hub-connected hosts, standard ones."""
 
-    local_tasks: list[str] = field(
+    local_tasks: list[str] = field(  # held-out offline tasks built from the curated eval payloads
         default_factory=lambda: [
             "KalmDefinitionRetrieval",
             "KalmSynonymAntonymPairClassification",
             "KalmSynsetClustering",
         ]
     )
-    standard_tasks: list[str] = field(default_factory=list)
-    benchmark: str = ""
-    batch_size: int = 128
-    matryoshka_dims: list[int] = field(default_factory=list)
-    quantizations: list[str] = field(default_factory=list)
-    skip_upstream_models: bool = False
-    reference_card: str = "data_cards/reference/mteb_eng_v2_published.yaml"
+    standard_tasks: list[str] = field(default_factory=list)  # mteb task names (hub hosts)
+    benchmark: str = ""  # an mteb benchmark name, e.g. "MTEB(eng, v2)" (hub hosts); replaces standard_tasks
+    batch_size: int = 128  # encode batch size
+    matryoshka_dims: list[int] = field(default_factory=list)  # final model also scored truncated to these dims
+    quantizations: list[str] = field(default_factory=list)  # final model also scored as int8 / binary codes
+    skip_upstream_models: bool = False  # do not evaluate base and stage 1 (grid variants that reuse them)
+    reference_card: str = "data_cards/reference/mteb_eng_v2_published.yaml"  # published scores beside the run; "" hides
 
 
 @dataclass(frozen=True)
 class Profile:
     """Everything one run of the notebook series needs."""
 
-    name: str
-    seed: int = 42
-    threads: int = 0
+    name: str  # the profile's file name unless set
+    seed: int = 42  # curation, held-out split, stage 1 and base-model initialisation
+    threads: int = 0  # torch CPU threads (0 = torch's default)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from .builders import EVAL_BUILDERS, SINGLE_INPUT_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
+from .layout import RunLayout
+from .outputs import write_output
 from .sources import load_source
 
 _SPACE = re.compile(r"\s+")
@@ -103,7 +105,7 @@ def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
         if card.kind != "source":
             raise DataCardError(f"{card.path}: {name!r} is used as an input but is a {card.kind} card")
         frame = load_source(card)
-        for column in frame.columns[frame.dtypes == object]:
+        for column in frame.columns[frame.dtypes == object]:  # noqa: E721 (elementwise dtype test)
             frame[column] = frame[column].map(normalise)
         sources[name] = frame
     return sources
@@ -183,35 +185,40 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_curated(result: CurationResult, data_dir: Path) -> pd.DataFrame:
-    """Write shards (parquet), eval payloads (JSON), filled cards and the summary table."""
+def write_curated(result: CurationResult, layout: RunLayout) -> pd.DataFrame:
+    """Write shards (Parquet), eval payloads (JSON), filled cards and the summary table."""
     for name, frame in result.train.items():
         card = result.cards[name]
-        path = data_dir / card.stage / f"{name}.parquet"
+        path = layout.shard(card.stage, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path, index=False)
-        write_card(card.filled(size=len(frame), sha256=_sha256(path), file=str(path.relative_to(data_dir))), data_dir / "cards" / f"{name}.yaml")
+        _write_filled_card(card, len(frame), path, layout)
     for name, task in result.evals.items():
         card = result.cards[name]
-        path = data_dir / ("validation" if card.split == "validation" else "eval") / card.extra["eval_file"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(task.payload, ensure_ascii=False, indent=1))
-        write_card(card.filled(size=len(task.words), sha256=_sha256(path), file=str(path.relative_to(data_dir))), data_dir / "cards" / f"{name}.yaml")
+        path = write_output(json.dumps(task.payload, ensure_ascii=False, indent=1),
+                            layout.eval_payloads(card.split) / card.extra["eval_file"])
+        _write_filled_card(card, len(task.words), path, layout)
     summary = pd.DataFrame(result.summary)
-    summary.to_csv(data_dir / "curation_summary.csv", index=False)
+    write_output(summary, layout.curation_summary)
     return summary
 
 
-def load_train_sets(data_dir: Path, stage: str) -> dict[str, tuple[pd.DataFrame, DataCard]]:
+def _write_filled_card(card: DataCard, size: int, path: Path, layout: RunLayout) -> None:
+    """The card with the written file's size, SHA-256 and path (relative to ``data/``)."""
+    filled = card.filled(size=size, sha256=_sha256(path), file=str(path.relative_to(layout.data)))
+    write_card(filled, layout.card(card.name))
+
+
+def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[pd.DataFrame, DataCard]]:
     """Read back the curated shards and filled cards of one stage."""
-    cards = load_cards(data_dir / "cards", check_inputs=False)
+    cards = load_cards(layout.cards, check_inputs=False)
     sets = {}
     for name, card in cards.items():
         if card.stage == stage:
-            frame = pd.read_parquet(data_dir / card.extra["file"])
+            frame = pd.read_parquet(layout.data / card.extra["file"])
             if frame.empty:
                 raise DataCardError(f"{card.path}: shard {card.extra['file']} is empty")
             sets[name] = (frame, card)
     if not sets:
-        raise DataCardError(f"{data_dir}: no curated {stage} sets; run 00_data_curation first")
+        raise DataCardError(f"{layout.data}: no curated {stage} sets; run 00_data_curation first")
     return sets

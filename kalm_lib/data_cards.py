@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .outputs import write_output
+
 CARD_KINDS = ("source", "derived", "reference")
 TASK_TYPES = ("retrieval", "sts", "classification", "clustering", "pair_classification", "mixed")
 STAGES = ("pretrain", "finetune", "eval")
@@ -124,5 +126,4 @@ def load_cards(cards_dir: Path, check_inputs: bool = True) -> dict[str, DataCard
 
 def write_card(record: dict[str, Any], path: Path) -> None:
     """Write a filled-in card as YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    write_output(yaml.safe_dump(record, sort_keys=False, allow_unicode=True), path)

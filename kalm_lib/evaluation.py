@@ -24,6 +24,7 @@ from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
+from .instructions import format_instructed
 from .mteb_tasks import find_task_metadata, task_instruction
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 MODEL_ORG = "kalm-study"
-QUERY_TEMPLATE = "Instruct: {instruction} \n Query: {text}"
 MTEB_DEFAULT_BATCH_SIZE = 32
 TIDY_COLUMNS = ["model", "task", "task_type", "split", "subset", "metric", "score", "is_main"]
 
@@ -47,12 +47,7 @@ class TextEncoder(Protocol):
         ...
 
 
-# --- instruction format and the mteb model wrapper ---------------------------------------------
-
-
-def format_instructed(instruction: str, text: str) -> str:
-    """KaLM's instructed input; an empty instruction leaves the text as it is."""
-    return QUERY_TEMPLATE.format(instruction=instruction, text=text) if instruction else text
+# --- the mteb model wrapper ---------------------------------------------
 
 
 def kalm_model_meta(model_name: str, revision: str = "local") -> ModelMeta:
@@ -82,7 +77,8 @@ def kalm_model_meta(model_name: str, revision: str = "local") -> ModelMeta:
 class KalmMtebModel(AbsEncoder):
     """mteb encoder around a :class:`TextEncoder`, applying KaLM instructions.
 
-    Retrieval queries get ``"Instruct: {instruction} \\n Query: {text}"`` and documents stay bare.
+    Retrieval queries get the instruction (:func:`kalm_lib.instructions.format_instructed`) and
+    documents stay bare.
     Symmetric tasks (pair classification, clustering, STS, ...) encode with no prompt type, so the
     instruction goes on every text. The instruction is ``instructions[task name]`` if given, else
     the task's own (see :func:`kalm_lib.mteb_tasks.task_instruction`).

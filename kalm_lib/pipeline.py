@@ -1,16 +1,19 @@
-"""One function per notebook stage; each reads and writes only inside the run folder.
+"""One ``run_<stage>(profile, run_dir)`` per notebook; each reads and writes only inside the run
+folder, at the paths :class:`kalm_lib.layout.RunLayout` names, and returns what its notebook shows.
 
-Layout of a run folder::
+    notebook  function                 writes (RunLayout attributes)
+    00        run_curation             data: shard, eval_payloads, card, curation_summary
+    01        run_bidirectional_check  bidirectional_check
+    02        run_pretraining          stage1, history("stage1")
+    03        run_finetuning           stage2(seed), history(stage2_label(seed))
+    04        run_soup                 soup(method), soup_trace, mteb_validation
+    05        run_evaluation           mteb, mteb_scores
 
-    data/        curated shards, eval + validation payloads, filled data cards, summary
-    checkpoints/ stage1/final, stage2_seed{S}/final, soup_uniform, soup_greedy
-    metrics/     one JSON/CSV per stage (loss curves, checks, scores)
-    mteb/        mteb's own result folder
+Notebook 06 reads them back through :mod:`kalm_lib.report`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,13 +22,14 @@ import pandas as pd
 import torch
 
 from .bidirectional import first_token_sensitivity
-from .config import REPO_ROOT, ConfigError, ModelConfig, Profile, load_profile
+from .config import ConfigError, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, write_curated
-from .distributed import world
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, evaluate_model
+from .layout import REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
 from .mining import mine_hard_negatives
 from .mteb_tasks import build_local_tasks, standard_tasks
+from .outputs import is_main_process, write_output
 from .soup import average_states, greedy_soup, load_state
 from .training import StageResult, train_stage
 
@@ -35,25 +39,6 @@ DEMO_DECODER = {
 }
 
 
-def is_main_process() -> bool:
-    """True on the process that writes run-level files (the only one without torch.distributed)."""
-    return world()[0] == 0
-
-
-def write_json(payload: object, path: Path) -> None:
-    """Write JSON (creating parent folders) from the main process only."""
-    if not is_main_process():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str))
-
-
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as CSV (creating parent folders)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
-
-
 def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -> tuple[Profile, Path]:
     """Resolve a notebook's parameters: the validated profile and the run folder (created)."""
     cfg = load_profile(profile, overrides)
@@ -61,7 +46,7 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
         torch.set_num_threads(cfg.threads)
     path = Path(run_dir)
     path = path if path.is_absolute() else REPO_ROOT / path
-    (path / "metrics").mkdir(parents=True, exist_ok=True)
+    RunLayout(path).metrics.mkdir(parents=True, exist_ok=True)
     return cfg, path
 
 
@@ -69,7 +54,6 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card, mine stage-2 hard negatives with the base model, write shards."""
-    data_dir = run_dir / "data"
     result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir)
     synonyms = _related_words(result.sources.get("oewn_synonyms"), "synonym")
     torch.manual_seed(profile.seed)
@@ -82,7 +66,7 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
                 frame, card, encoder, profile.data.hard_negatives, profile.data.hard_negative_rank_min,
                 profile.data.hard_negative_rank_max, rng, exclude=synonyms,
             )
-    return write_curated(result, data_dir)
+    return write_curated(result, RunLayout(run_dir))
 
 
 def _related_words(frame: pd.DataFrame | None, column: str) -> dict[str, set[str]]:
@@ -98,13 +82,13 @@ def _related_words(frame: pd.DataFrame | None, column: str) -> dict[str, set[str
 
 # --- 01 bidirectional conversion -------------------------------------------------------------
 
-def bidirectional_report(profile: Profile) -> pd.DataFrame:
+def run_bidirectional_check(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """First-token sensitivity with causal and with bidirectional attention, for the profile's
     model and for a Qwen2 decoder built from a config.
 
     The sensitivity is the change of the first token's hidden state when the last token changes:
     0 under causal attention, > 0 once attention is bidirectional. An encoder has no causal form
-    (NaN in that column).
+    (NaN in that column). Written to ``RunLayout.bidirectional_check``.
     """
     configs = {
         "profile model": profile.model,
@@ -124,44 +108,37 @@ def bidirectional_report(profile: Profile) -> pd.DataFrame:
             row[column] = first_token_sensitivity(backbone, batch["input_ids"], batch["attention_mask"])
             row["architecture"] = type(backbone).__name__
         rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "architecture", "sensitivity_causal", "sensitivity_bidirectional"])
+    check = pd.DataFrame(rows, columns=["model", "architecture", "sensitivity_causal", "sensitivity_bidirectional"])
+    write_output(check, RunLayout(run_dir).bidirectional_check)
+    return check
 
 
 # --- 02 / 03 training --------------------------------------------------------------------------
 
-def stage1_dir(run_dir: Path) -> Path:
-    """Where stage 1's final encoder lives."""
-    return run_dir / "checkpoints" / "stage1" / "final"
-
-
-def stage2_dirs(run_dir: Path) -> list[Path]:
-    """Final folders of every stage-2 seed, sorted."""
-    return sorted((run_dir / "checkpoints").glob("stage2_seed*/final"))
-
-
 def run_pretraining(profile: Profile, run_dir: Path) -> StageResult:
     """Stage 1: InfoNCE with in-batch negatives on the weakly supervised pairs."""
+    layout = RunLayout(run_dir)
     torch.manual_seed(profile.seed)  # a randomly initialised backbone starts from the profile's seed
     encoder = load_encoder(profile.model)
     if not profile.pretrain.enabled:
         if is_main_process():
-            encoder.save(stage1_dir(run_dir))
-        return StageResult(final_dir=stage1_dir(run_dir))
-    sets = load_train_sets(run_dir / "data", "pretrain")
-    result = train_stage(encoder, sets, profile.pretrain, stage1_dir(run_dir).parent, profile.seed, profile.model.bf16)
-    write_json(result.history, run_dir / "metrics" / "stage1_history.json")
+            encoder.save(layout.stage1.final)
+        return StageResult(final_dir=layout.stage1.final)
+    sets = load_train_sets(layout, "pretrain")
+    result = train_stage(encoder, sets, profile.pretrain, layout.stage1.root, profile.seed, profile.model.bf16)
+    write_output(result.history, layout.history(STAGE1))
     return result
 
 
 def run_finetuning(profile: Profile, run_dir: Path) -> list[StageResult]:
     """Stage 2, once per seed: hard negatives, focal reweighting, hard-negative mixing."""
-    sets = load_train_sets(run_dir / "data", "finetune")
+    layout = RunLayout(run_dir)
+    sets = load_train_sets(layout, "finetune")
     results = []
     for seed in profile.finetune.seeds:
-        encoder = encoder_from_checkpoint(stage1_dir(run_dir), profile.model)
-        out = run_dir / "checkpoints" / f"stage2_seed{seed}"
-        result = train_stage(encoder, sets, profile.finetune, out, seed, profile.model.bf16)
-        write_json(result.history, run_dir / "metrics" / f"stage2_seed{seed}_history.json")
+        encoder = encoder_from_checkpoint(layout.stage1.final, profile.model)
+        result = train_stage(encoder, sets, profile.finetune, layout.stage2(seed).root, seed, profile.model.bf16)
+        write_output(result.history, layout.history(stage2_label(seed)))
         results.append(result)
     return results
 
@@ -170,14 +147,16 @@ def run_finetuning(profile: Profile, run_dir: Path) -> list[StageResult]:
 
 def validation_score(encoder: Encoder, profile: Profile, run_dir: Path, name: str) -> float:
     """Main score of the soup-selection task on the validation split (never the test split)."""
-    tasks = build_local_tasks(run_dir / "data" / "validation", [profile.soup.selection_task])
-    frame = evaluate_model(encoder, tasks, run_dir / "mteb_validation", name, profile.evaluation.batch_size)
+    layout = RunLayout(run_dir)
+    tasks = build_local_tasks(layout.eval_payloads("validation"), [profile.soup.selection_task])
+    frame = evaluate_model(encoder, tasks, layout.mteb_validation, name, profile.evaluation.batch_size)
     return float(frame.loc[frame["is_main"], "score"].iloc[0])
 
 
 def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Uniform and/or greedy soup of the stage-2 checkpoints; returns the selection trace."""
-    checkpoints = stage2_dirs(run_dir)
+    layout = RunLayout(run_dir)
+    checkpoints = layout.stage2_finals()
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir}: no stage-2 checkpoints; run 03_finetuning first")
     states = [load_state(path) for path in checkpoints]
@@ -196,14 +175,16 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
             greedy = greedy_soup(states, score)
             state, chosen = greedy.state, greedy.chosen
             rows += [{"soup": f"single:{checkpoints[i].parent.name}", "chosen": [i], "validation": v} for i, v in enumerate(greedy.singles)]
-            rows += [{"soup": "greedy-step", "chosen": [step["candidate"]], "validation": step["score"], "kept": step["kept"]} for step in greedy.trace]
+            rows += [{"soup": "greedy-step", "chosen": [step["candidate"]], "validation": step["score"], "kept": step["kept"]}
+                     for step in greedy.trace]
             rows.append({"soup": "greedy", "chosen": chosen, "validation": greedy.score})
         else:
             raise ValueError(f"soup.methods: unknown method {method!r} (uniform, greedy)")
         template.backbone.load_state_dict(state)
-        template.save(run_dir / "checkpoints" / f"soup_{method}")
+        if is_main_process():
+            template.save(layout.soup(method))
     trace = pd.DataFrame(rows)
-    trace.to_csv(run_dir / "metrics" / "soup_trace.csv", index=False)
+    write_output(trace, layout.soup_trace)
     return trace
 
 
@@ -211,18 +192,20 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
 
 def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     """Model label -> checkpoint folder (None = the base model from the profile)."""
+    layout = RunLayout(run_dir)
     models: dict[str, Path | None] = {}
     if not profile.evaluation.skip_upstream_models:
-        models.update({"base": None, "stage1": stage1_dir(run_dir)})
-    models.update({path.parent.name: path for path in stage2_dirs(run_dir)})
-    soups = {f"soup_{m}": run_dir / "checkpoints" / f"soup_{m}" for m in profile.soup.methods}
+        models.update({"base": None, STAGE1: layout.stage1.final})
+    models.update({path.parent.name: path for path in layout.stage2_finals()})
+    soups = {soup_label(m): layout.soup(m) for m in profile.soup.methods}
     models.update({label: path for label, path in soups.items() if path.is_dir()})
     return models
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings."""
-    tasks = build_local_tasks(run_dir / "data" / "eval", profile.evaluation.local_tasks)
+    layout = RunLayout(run_dir)
+    tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
     if profile.evaluation.standard_tasks or profile.evaluation.benchmark:
         tasks += standard_tasks(profile.evaluation.benchmark or profile.evaluation.standard_tasks)
     frames = []
@@ -236,8 +219,8 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
             variants.update({f"{label}@dim{d}": TruncatedEncoder(encoder, d) for d in profile.evaluation.matryoshka_dims})
             variants.update({f"{label}@{q}": QuantizedEncoder(encoder, q) for q in profile.evaluation.quantizations})
         for name, model in variants.items():
-            frame = evaluate_model(model, tasks, run_dir / "mteb", f"{profile.name}-{name}", profile.evaluation.batch_size)
+            frame = evaluate_model(model, tasks, layout.mteb, f"{profile.name}-{name}", profile.evaluation.batch_size)
             frames.append(frame.assign(stage=name))
     scores = pd.concat(frames, ignore_index=True)
-    scores.to_csv(run_dir / "metrics" / "mteb_scores.csv", index=False)
+    write_output(scores, layout.mteb_scores)
     return scores

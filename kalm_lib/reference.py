@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from .data_cards import DataCardError, load_card
+from .layout import RunLayout
 
 SCORE_FIELDS = ("score", "split", "subset", "metric", "path", "commit")
 REFERENCE_COLUMNS = ("model", "label", "task", *SCORE_FIELDS)
@@ -72,7 +73,7 @@ def reference_summary(reference: pd.DataFrame) -> pd.DataFrame:
 def beside_reference(scores: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Our models' and the published models' main scores on the tasks both evaluated.
 
-    ``scores`` is a run's tidy mteb table (``metrics/mteb_scores.csv``: stage, task, split, subset,
+    ``scores`` is a run's tidy mteb table (``RunLayout.mteb_scores``: stage, task, split, subset,
     metric, score, is_main). Rows are our stages then the published models; columns the shared
     tasks and their average (NaN for a published model that lacks one of them). Empty when no task
     matches on task, split, subset and main metric.
@@ -95,4 +96,4 @@ def beside_reference(scores: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFr
 def run_beside_reference(run_dir: Path, card: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A reference card's per-model summary, and a run's scores beside it (empty when no task is shared)."""
     reference = load_reference_scores(card)
-    return reference_summary(reference), beside_reference(pd.read_csv(run_dir / "metrics" / "mteb_scores.csv"), reference)
+    return reference_summary(reference), beside_reference(pd.read_csv(RunLayout(run_dir).mteb_scores), reference)

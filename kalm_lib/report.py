@@ -8,23 +8,47 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .curation import load_train_sets
+from .layout import RunLayout
+
 
 def main_scores(run_dir: Path) -> pd.DataFrame:
     """Stage x task table of mteb main scores, with the task average as the last column."""
-    scores = pd.read_csv(run_dir / "metrics" / "mteb_scores.csv")
+    scores = pd.read_csv(RunLayout(run_dir).mteb_scores)
     table = scores[scores["is_main"]].pivot_table(index="stage", columns="task", values="score", sort=False)
     table["average"] = table.mean(axis=1)
     return table
 
 
 def loss_curves(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Training history per stage (stage1, stage2_seed*)."""
+    """Training history per stage label (``stage1``, one per stage-2 seed)."""
     curves = {}
-    for path in sorted((run_dir / "metrics").glob("*_history.json")):
+    for label, path in RunLayout(run_dir).histories().items():
         history = json.loads(path.read_text())
         if history:
-            curves[path.name.removesuffix("_history.json")] = pd.DataFrame(history)
+            curves[label] = pd.DataFrame(history)
     return curves
+
+
+def curation_summary(run_dir: Path) -> pd.DataFrame:
+    """Rows surviving each curation step, per derived set (notebook 00)."""
+    return pd.read_csv(RunLayout(run_dir).curation_summary)
+
+
+def curated_samples(run_dir: Path, stage: str, rows: int = 3) -> dict[str, pd.DataFrame]:
+    """The first ``rows`` curated examples (query, positive, negatives) of every set of ``stage``."""
+    return {name: frame[["query", "positive", "negatives"]].head(rows)
+            for name, (frame, _) in load_train_sets(RunLayout(run_dir), stage).items()}
+
+
+def bidirectional_check(run_dir: Path) -> pd.DataFrame:
+    """First-token sensitivity with causal and bidirectional attention (notebook 01)."""
+    return pd.read_csv(RunLayout(run_dir).bidirectional_check)
+
+
+def soup_trace(run_dir: Path) -> pd.DataFrame:
+    """The soup selection trace on the validation split (notebook 04)."""
+    return pd.read_csv(RunLayout(run_dir).soup_trace)
 
 
 def plot_loss_curves(curves: dict[str, pd.DataFrame], window: int = 10) -> plt.Figure:

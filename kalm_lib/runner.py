@@ -1,17 +1,16 @@
 """Execute the notebook series headless with papermill into a run folder, then render the report.
 
-The run is written to ``runs/.incomplete-<name>`` and renamed to ``runs/<name>`` only when every
-notebook has run, the report is rendered and ``manifest.json`` is written: a folder without the
-``.incomplete-`` prefix is always a complete run.
+The run is written to an incomplete folder (:func:`kalm_lib.layout.incomplete_run`) and renamed to
+``<runs>/<name>`` only when every notebook has run, the report is rendered and the manifest is
+written: a folder without the incomplete prefix is always a complete run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,12 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from .config import REPO_ROOT, load_profile
+from .config import load_profile
 from .encoder import resolve_model_path
+from .layout import NOTEBOOKS_DIR, REPO_ROOT, RunLayout, incomplete_run
 from .manifest import data_hashes, git_state, machine_info, package_versions
+from .outputs import write_output
 
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 REPORT_NOTEBOOK = "06_ablations_report.ipynb"
 
 
@@ -39,28 +39,26 @@ def render_report(executed: Path, html_path: Path) -> Path:
     """Render an executed notebook to one self-contained HTML file (figures inlined, code hidden)."""
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    html_path.write_text(body, encoding="utf-8")
+    write_output(body, html_path)
     return html_path
 
 
 UPSTREAM_NOTEBOOKS = ("00_data_curation", "01_bidirectional_conversion", "02_pretraining")
-UPSTREAM_OUTPUTS = ("data", "checkpoints/stage1", "metrics/bidirectional_check.csv", "metrics/stage1_history.json")
 
 
 def reuse_upstream(source: Path, work: Path) -> list[str]:
     """Hard-link curation and stage-1 outputs (and their executed notebooks) from a finished run."""
-    for relative in UPSTREAM_OUTPUTS:
-        origin = source / relative
+    source_layout, work_layout = RunLayout(source), RunLayout(work)
+    for origin, target in zip(source_layout.upstream(), work_layout.upstream()):
         if not origin.exists():
-            raise FileNotFoundError(f"cannot reuse {source}: {relative} is missing")
-        target = work / relative
+            raise FileNotFoundError(f"cannot reuse {source}: {origin.relative_to(source)} is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
         if origin.is_dir():
             shutil.copytree(origin, target, copy_function=os.link)
         else:
             os.link(origin, target)
     for stem in UPSTREAM_NOTEBOOKS:
-        shutil.copy2(source / "notebooks" / f"{stem}.ipynb", work / "notebooks" / f"{stem}.ipynb")
+        shutil.copy2(source_layout.notebooks / f"{stem}.ipynb", work_layout.notebooks / f"{stem}.ipynb")
     return list(UPSTREAM_NOTEBOOKS)
 
 
@@ -91,28 +89,29 @@ def run_series(
     resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
     if not resolved.model.random_init:
         resolve_model_path(resolved.model.name_or_path)  # fail fast on a missing model folder
-    name = name or f"{resolved.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    name = name or f"{resolved.name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     final = runs_dir / name
     if final.exists():
         raise FileExistsError(f"run folder already exists: {final}")
-    work = runs_dir / f".incomplete-{name}"
+    work = incomplete_run(runs_dir, name)
     shutil.rmtree(work, ignore_errors=True)
-    (work / "notebooks").mkdir(parents=True)
+    layout = RunLayout(work)
+    layout.notebooks.mkdir(parents=True)
     timings = {}
-    started = datetime.now(timezone.utc).isoformat()
+    started = datetime.now(UTC).isoformat()
     code = git_state(REPO_ROOT)  # the code as the run starts (notebooks import it as they go)
     reused = reuse_upstream(reuse_from, work) if reuse_from else []
     parameters = {"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides}
     for notebook in notebooks or notebook_series():
         if notebook.stem not in reused:
-            timings[notebook.stem] = execute(notebook, work / "notebooks" / notebook.name, parameters, kernel_name)
-    report = work / "notebooks" / REPORT_NOTEBOOK
+            timings[notebook.stem] = execute(notebook, layout.notebooks / notebook.name, parameters, kernel_name)
+    report = layout.notebooks / REPORT_NOTEBOOK
     if report.exists():
-        render_report(report, work / "report.html")
+        render_report(report, layout.report_html)
     manifest = {
         "run": name,
         "started_utc": started,
-        "finished_utc": datetime.now(timezone.utc).isoformat(),
+        "finished_utc": datetime.now(UTC).isoformat(),
         "profile": profile,
         "overrides": overrides,
         "seed": resolved.seed,
@@ -124,6 +123,6 @@ def run_series(
         "reused_from": {"run": str(reuse_from), "notebooks": reused} if reuse_from else None,
         "wall_seconds": timings,
     }
-    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_output(manifest, layout.manifest)
     work.rename(final)
     return final

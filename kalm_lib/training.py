@@ -25,12 +25,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from .batching import Batch, batch_plan, make_batch, negatives_per_query
 from .chunking import Chunk, embed_chunks, plan_chunks
+from .config import TrainConfig
 from .data_cards import DataCard
 from .encoder import Encoder
 from .grad_cache import cached_backward
 from .hard_negative_mixing import MixingConfig
+from .layout import StageLayout
 from .losses import KalmContrastiveLoss
-from .config import TrainConfig
+from .outputs import write_output
 
 TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
 
@@ -59,7 +61,9 @@ def make_accelerator(bf16: bool) -> Accelerator:
 def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
     """The stage's loss from its config (mixing only when switched on)."""
     mixing = (
-        MixingConfig(cfg.mixing_top_k, cfg.mixing_pairs, cfg.mixing_query, cfg.mixing_query_beta_max)
+        MixingConfig(
+            top_k=cfg.mixing_top_k, pairs=cfg.mixing_pairs, query_mixes=cfg.mixing_query, beta_max=cfg.mixing_query_beta_max
+        )
         if cfg.hard_negative_mixing
         else None
     )
@@ -85,11 +89,10 @@ def stacked_loss(batch: Batch, loss_fn: KalmContrastiveLoss) -> Callable[[torch.
     )
 
 
-def _save_progress(state_dir: Path, accelerator: Accelerator, step: int, history: list[dict]) -> None:
+def _save_progress(stage: StageLayout, accelerator: Accelerator, step: int, history: list[dict]) -> None:
     """Checkpoint everything needed for an exact resume."""
-    accelerator.save_state(str(state_dir))
-    if accelerator.is_main_process:
-        (state_dir / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    accelerator.save_state(str(stage.state(step)))
+    write_output({"step": step, "history": history}, stage.progress(step))
 
 
 def train_stage(
@@ -106,8 +109,10 @@ def train_stage(
     """Train ``encoder`` for ``cfg.steps`` steps; save ``out_dir/final`` as a sentence-transformers folder.
 
     ``resume_from`` is a ``state_*`` folder written by an earlier call; ``stop_after`` ends the run
-    early after that many steps (used to test exact resume).
+    early after that many steps (used to test exact resume). ``out_dir`` is laid out as
+    :class:`kalm_lib.layout.StageLayout` says.
     """
+    stage = StageLayout(out_dir)
     set_seed(seed)
     accelerator = make_accelerator(bf16)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
@@ -120,7 +125,7 @@ def train_stage(
     start, history = 0, []
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        progress = json.loads((resume_from / "progress.json").read_text())
+        progress = json.loads((resume_from / StageLayout.PROGRESS).read_text())
         start, history = progress["step"], progress["history"]
     result = StageResult(history=history)
     began = time.perf_counter()
@@ -151,11 +156,11 @@ def train_stage(
         if on_log and (step + 1) % max(cfg.log_every, 1) == 0:
             on_log(record)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_progress(out_dir / f"state_{step + 1}", accelerator, step + 1, history)
+            _save_progress(stage, accelerator, step + 1, history)
     if stop_after is not None and last < cfg.steps:
-        _save_progress(out_dir / f"state_{last}", accelerator, last, history)
+        _save_progress(stage, accelerator, last, history)
     else:
-        result.final_dir = out_dir / "final"
+        result.final_dir = stage.final
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save(result.final_dir)
     accelerator.wait_for_everyone()

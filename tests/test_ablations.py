@@ -1,19 +1,23 @@
 """Ablation grid: parsing, result collection and the paired statistics, checked by hand."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from kalm_lib.ablations import collect, load_grid, mean_ci, needs_own_upstream, seed_deltas, soup_vs_best_single
-from kalm_lib.config import REPO_ROOT, ConfigError
+from kalm_lib.config import ConfigError
+from kalm_lib.layout import GRIDS_DIR, RunLayout
+from kalm_lib.outputs import write_output
 
 
 def test_shipped_grids_validate():
-    grid = load_grid(REPO_ROOT / "kalm_lib" / "grids" / "cpu-ablations.yaml")
+    grid = load_grid(GRIDS_DIR / "cpu-ablations.yaml")
     assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
     assert {"no_focal", "no_mixing", "no_stage1", "last_token_pooling"} <= set(grid.variants)
-    assert "causal_attention" in load_grid(REPO_ROOT / "kalm_lib" / "grids" / "gpu-ablations.yaml").variants
-    for path in sorted((REPO_ROOT / "kalm_lib" / "grids").glob("*.yaml")):  # every override names a real field
+    assert "causal_attention" in load_grid(GRIDS_DIR / "gpu-ablations.yaml").variants
+    for path in sorted((GRIDS_DIR).glob("*.yaml")):  # every override names a real field
         shipped = load_grid(path)
         assert shipped.variants[shipped.reference] == {}, path.name
 
@@ -43,10 +47,9 @@ def test_mean_ci_matches_hand_computation():
     assert np.isnan(mean_ci(np.array([5.0]))[1])
 
 
-def write_scores(run: "Path", rows):
-    (run / "metrics").mkdir(parents=True)
+def write_scores(run: Path, rows):
     frame = pd.DataFrame(rows, columns=["stage", "task", "score"]).assign(is_main=True, metric="m")
-    frame.to_csv(run / "metrics" / "mteb_scores.csv", index=False)
+    write_output(frame, RunLayout(run).mteb_scores)
 
 
 @pytest.fixture

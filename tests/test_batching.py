@@ -6,11 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kalm_lib.batching import batch_plan, format_query, make_batch, negatives_per_query
+from kalm_lib.batching import batch_plan, make_batch, negatives_per_query
 from kalm_lib.data_cards import DataCard
+from kalm_lib.instructions import format_instructed
 
 
-def card(name: str = "set", instruction: str = "Retrieve the gloss of the word", symmetric: bool = False, in_batch: bool = True) -> DataCard:
+def card(
+    name: str = "set", instruction: str = "Retrieve the gloss of the word", symmetric: bool = False, in_batch: bool = True
+) -> DataCard:
     return DataCard(
         name=name, kind="derived", description="test set", license="CC0", fields=["query", "positive", "negatives"],
         path=f"{name}.yaml", task_type="retrieval", stage="finetune", builder="x", inputs=["src"],
@@ -68,14 +71,15 @@ def test_batch_size_larger_than_every_set_is_an_error() -> None:
 
 # --- make_batch --------------------------------------------------------------------------------
 
-def test_format_query() -> None:
-    assert format_query("bank", "Retrieve the gloss") == "Instruct: Retrieve the gloss \n Query: bank"
-    assert format_query("bank", "") == "bank"
+def test_one_instruction_format() -> None:
+    assert format_instructed("Retrieve the gloss", "bank") == "Instruct: Retrieve the gloss \n Query: bank"
+    assert format_instructed("", "bank") == "bank"
 
 
 def test_asymmetric_card_instructs_queries_only() -> None:
     batch = make_batch(frame(), card(), np.array([5, 2]), 2, rank=0, world_size=1)
-    assert batch.queries == ["Instruct: Retrieve the gloss of the word \n Query: q5", "Instruct: Retrieve the gloss of the word \n Query: q2"]
+    prefix = "Instruct: Retrieve the gloss of the word \n Query: "
+    assert batch.queries == [prefix + "q5", prefix + "q2"]
     assert batch.positives == ["p5", "p2"]
     assert batch.negatives == ["n5_0", "n5_1", "n2_0", "n2_1"]  # grouped by query, capped at n_neg
     assert (batch.source, batch.negatives_per_query, batch.in_batch_negatives) == ("set", 2, True)

@@ -14,6 +14,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+pytestmark = pytest.mark.slow  # papermill, multi-process or benchmark runs: `pytest -m "not slow"` skips them
+
 BENCHMARKS = ("train_throughput", "encode_throughput", "memory", "mfu", "scaling")
 
 

@@ -42,7 +42,9 @@ def test_a_text_over_the_budget_gets_its_own_chunk():
     assert length_sorted_chunks([3, 50, 2], 16, 0.5) == [[1], [0, 2]]
 
 
-@pytest.mark.parametrize(("max_tokens", "max_padding", "message"), [(0, 0.1, "max_tokens"), (8, 1.0, "max_padding"), (8, -0.1, "max_padding")])
+@pytest.mark.parametrize(
+    ("max_tokens", "max_padding", "message"), [(0, 0.1, "max_tokens"), (8, 1.0, "max_padding"), (8, -0.1, "max_padding")]
+)
 def test_bad_budgets_are_named(max_tokens, max_padding, message):
     with pytest.raises(ValueError, match=message):
         length_sorted_chunks([1, 2], max_tokens, max_padding)

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from kalm_lib.builders import is_held_out
-from kalm_lib.config import REPO_ROOT, DataConfig
+from kalm_lib.config import DataConfig
 from kalm_lib.curation import curate, decontaminate, exact_dedup, length_filter, near_dedup, normalise
+from kalm_lib.layout import DATA_CARDS_DIR
 
 
 def frame(rows):
@@ -63,7 +64,7 @@ def test_held_out_split_is_stable_and_sized():
 def curated():
     cfg = DataConfig(eval_word_fraction=0.02, max_stage1_pairs_per_source=300, max_stage2_per_source=200,
                      eval_retrieval_queries=40, eval_pairs=40, eval_clusters=6)
-    return curate(cfg, seed=11, cards_dir=REPO_ROOT / "data_cards" / "offline")
+    return curate(cfg, seed=11, cards_dir=DATA_CARDS_DIR / "offline")
 
 
 def test_no_training_row_touches_evaluation(curated):

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from kalm_lib import sources
-from kalm_lib.config import REPO_ROOT
 from kalm_lib.data_cards import DataCardError, load_card, load_cards
+from kalm_lib.layout import DATA_CARDS_DIR
 from kalm_lib.sources import load_source
 
 GOOD = """\
@@ -28,7 +28,7 @@ def write(tmp_path: Path, text: str, name: str = "card.yaml") -> Path:
 
 
 def test_shipped_cards_validate():
-    cards = load_cards(REPO_ROOT / "data_cards")
+    cards = load_cards(DATA_CARDS_DIR)
     kinds = {card.kind for card in cards.values()}
     assert {"source", "derived"} <= kinds
     stages = {card.stage for card in cards.values() if card.kind == "derived"}
@@ -98,7 +98,7 @@ def test_empty_source_is_an_error(tmp_path, monkeypatch):
 
 
 def test_packaged_sources_are_real_and_sizeable():
-    cards = load_cards(REPO_ROOT / "data_cards")
+    cards = load_cards(DATA_CARDS_DIR)
     gcide = load_source(cards["gcide"])
     antonyms = load_source(cards["oewn_antonyms"])
     assert len(gcide) > 150_000 and gcide["word"].nunique() > 90_000

@@ -26,10 +26,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kalm_lib.config import load_profile
+from kalm_lib.layout import RunLayout
 from kalm_lib.losses import KalmContrastiveLoss  # light: the spawned workers import this module
 
 WORLD, LOCAL, NEGATIVES, DIM = 2, 3, 2, 8
 TIMEOUT = 180
+
+pytestmark = pytest.mark.slow  # papermill, multi-process or benchmark runs: `pytest -m "not slow"` skips them
 
 
 def free_port() -> int:
@@ -125,7 +128,7 @@ def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) ->
     folders = {}
     for processes in (2, 1):
         folders[processes] = tmp_path_factory.mktemp(f"procs{processes}")
-        shutil.copytree(curated_tiny / "data", folders[processes] / "data")
+        shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
     # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
     # process (`--cpu` would start a single process).
     launch = [
@@ -141,10 +144,10 @@ def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) ->
 
 def test_two_processes_train_like_one(stage1_runs) -> None:
     (multi, multi_out), (single, single_out) = stage1_runs[2], stage1_runs[1]
-    a = load_file(multi / "checkpoints" / "stage1" / "final" / "model.safetensors")
-    b = load_file(single / "checkpoints" / "stage1" / "final" / "model.safetensors")
+    a = load_file(RunLayout(multi).stage1.final / "model.safetensors")
+    b = load_file(RunLayout(single).stage1.final / "model.safetensors")
     assert a.keys() == b.keys()
-    history = {n: json.loads((run / "metrics" / "stage1_history.json").read_text()) for n, run in ((2, multi), (1, single))}
+    history = {n: json.loads(RunLayout(run).history("stage1").read_text()) for n, run in ((2, multi), (1, single))}
     assert [h["set"] for h in history[2]] == [h["set"] for h in history[1]]
     assert [h["loss"] for h in history[2]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-5)
     assert [h["grad_norm"] for h in history[2]] == pytest.approx([h["grad_norm"] for h in history[1]], rel=1e-5)
@@ -168,9 +171,10 @@ def test_train_command_finetunes_one_seed(stage1_runs) -> None:
     run = stage1_runs[1][0]
     code = main(["train", "--profile", "tiny", "--run-dir", str(run), "--stage", "finetune", "--seed", "1", "--set", "finetune.steps=2"])
     assert code == 0
-    assert [p.name for p in sorted((run / "checkpoints").glob("stage2_seed*"))] == ["stage2_seed1"]
-    assert (run / "checkpoints" / "stage2_seed1" / "final" / "modules.json").is_file()
-    history = json.loads((run / "metrics" / "stage2_seed1_history.json").read_text())
+    layout = RunLayout(run)
+    assert layout.stage2_finals() == [layout.stage2(1).final]
+    assert (layout.stage2(1).final / "modules.json").is_file()
+    history = json.loads(layout.history("stage2_seed1").read_text())
     assert [h["step"] for h in history] == [1, 2]
 
 
@@ -179,7 +183,7 @@ def test_train_command_needs_curated_data_and_stage1(tmp_path: Path, capsys: pyt
 
     assert main(["train", "--profile", "tiny", "--run-dir", str(tmp_path), "--stage", "pretrain"]) == 2
     assert "curate first" in capsys.readouterr().err
-    (tmp_path / "data").mkdir()
+    RunLayout(tmp_path).data.mkdir()
     assert main(["train", "--profile", "tiny", "--run-dir", str(tmp_path), "--stage", "finetune"]) == 2
     assert "run --stage pretrain first" in capsys.readouterr().err
     assert main(["train", "--profile", "tiny", "--run-dir", str(tmp_path), "--stage", "pretrain", "--set", "pretrain.nope=1"]) == 2

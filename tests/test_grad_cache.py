@@ -70,7 +70,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def assert_same_grads(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def unchunked_loss(encoder, batch: Batch, loss_fn: KalmContrastiveLoss) -> torch.Tensor:

@@ -140,7 +140,8 @@ def test_from_stacked_groups_negatives_by_query():
         assert abs(loss_fn.from_stacked(stacked, 3, 2, in_batch).item() - expected) < 1e-6
     # A column-major (negative-index-first) grouping would give other own negatives per query.
     wrong = [[N_ANGLES[0][0], N_ANGLES[1][0]], [N_ANGLES[2][0], N_ANGLES[0][1]], [N_ANGLES[1][1], N_ANGLES[2][1]]]
-    assert abs(hand_loss(Q_ANGLES, P_ANGLES, wrong, TAU, in_batch=False) - hand_loss(Q_ANGLES, P_ANGLES, N_ANGLES, TAU, in_batch=False)) > 1e-2
+    right = hand_loss(Q_ANGLES, P_ANGLES, N_ANGLES, TAU, in_batch=False)
+    assert abs(hand_loss(Q_ANGLES, P_ANGLES, wrong, TAU, in_batch=False) - right) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------ focal
@@ -255,3 +256,11 @@ def test_matches_sentence_transformers_mnrl(minilm_st, negatives):
     for a, b in zip(ours_in, st_in):
         if a.numel():  # with no negatives, sentence-transformers never touches the empty tensor
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+
+    from kalm_lib import losses
+
+    assert doctest.testmod(losses).failed == 0

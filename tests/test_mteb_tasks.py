@@ -26,11 +26,11 @@ from kalm_lib.evaluation import (
     QuantizedEncoder,
     TruncatedEncoder,
     evaluate_model,
-    format_instructed,
     load_results_folder,
     quantize_int8,
     tidy_results,
 )
+from kalm_lib.instructions import format_instructed
 from kalm_lib.mteb_tasks import LOCAL_TASKS, build_local_tasks, payload_revision, standard_tasks, task_instruction
 
 RETRIEVAL = "KalmDefinitionRetrieval"

@@ -2,13 +2,13 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from kalm_lib.__main__ import main
-from kalm_lib.config import REPO_ROOT, ConfigError
+from kalm_lib.config import ConfigError
+from kalm_lib.layout import DATA_CARDS_DIR, INCOMPLETE_PREFIX, RunLayout, incomplete_run
 from kalm_lib.runner import notebook_series, run_series
 
 EXPECTED = [
@@ -27,21 +27,24 @@ def test_series_is_ordered_and_parameterised():
         assert "profile" in tagged[0].source and "run_dir" in tagged[0].source
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete(tiny_run):
-    assert not list(tiny_run.parent.glob(".incomplete-*"))
-    executed = sorted(p.stem for p in (tiny_run / "notebooks").glob("*.ipynb"))
+    layout = RunLayout(tiny_run)
+    assert not list(tiny_run.parent.glob(f"{INCOMPLETE_PREFIX}*"))
+    executed = sorted(p.stem for p in layout.notebooks.glob("*.ipynb"))
     assert executed == EXPECTED
     for name in EXPECTED:
-        book = nbformat.read(tiny_run / "notebooks" / f"{name}.ipynb", as_version=4)
+        book = nbformat.read(layout.notebooks / f"{name}.ipynb", as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in book.cells)
-    for path in ["data/curation_summary.csv", "metrics/mteb_scores.csv", "metrics/soup_trace.csv",
-                 "metrics/bidirectional_check.csv", "metrics/stage1_history.json",
-                 "checkpoints/stage1/final/model.safetensors", "checkpoints/soup_greedy/model.safetensors"]:
-        assert (tiny_run / path).is_file(), path
+    for path in [layout.curation_summary, layout.mteb_scores, layout.soup_trace, layout.bidirectional_check,
+                 layout.history("stage1"), layout.stage1.final / "model.safetensors",
+                 layout.soup("greedy") / "model.safetensors", layout.manifest, layout.report_html]:
+        assert path.is_file(), path
 
 
+@pytest.mark.slow
 def test_manifest_records_the_run(tiny_run):
-    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    manifest = json.loads(RunLayout(tiny_run).manifest.read_text())
     assert manifest["profile"] == "tiny" and manifest["seed"] == 7
     assert len(manifest["git"]["commit"]) == 40
     assert manifest["packages"]["torch"].startswith("2.13")
@@ -50,15 +53,17 @@ def test_manifest_records_the_run(tiny_run):
     assert manifest["data_sha256"] and all(len(h) == 64 for h in manifest["data_sha256"].values())
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_html_with_figures(tiny_run):
-    html = (tiny_run / "report.html").read_text()
+    html = RunLayout(tiny_run).report_html.read_text()
     assert html.count("data:image/png;base64") >= 3
     assert "KalmDefinitionRetrieval" in html and "soup_greedy" in html
     assert "KaLM-Embedding-V2 (0.5B)" in html  # the published reference card's summary
 
 
+@pytest.mark.slow
 def test_bidirectional_check_in_run(tiny_run):
-    check = (tiny_run / "metrics" / "bidirectional_check.csv").read_text().splitlines()
+    check = RunLayout(tiny_run).bidirectional_check.read_text().splitlines()
     causal, bidirectional = map(float, check[1].split(",")[-2:])
     assert causal == 0.0 and bidirectional > 1e-3
 
@@ -75,9 +80,10 @@ def test_cli_reports_bad_parameter(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_failing_notebook_leaves_no_complete_run(tmp_path, capsys):
     cards = tmp_path / "cards"
-    shutil.copytree(REPO_ROOT / "data_cards" / "offline", cards)
+    shutil.copytree(DATA_CARDS_DIR / "offline", cards)
     (cards / "sources" / "gcide.yaml").write_text("name: gcide\nkind: source\n")
     code = main(["run", "--profile", "tiny", "--runs-dir", str(tmp_path / "runs"), "--name", "broken",
                  "--set", f"data.cards_dir={cards}"])
@@ -85,7 +91,7 @@ def test_failing_notebook_leaves_no_complete_run(tmp_path, capsys):
     assert code == 1
     assert "DataCardError" in err and "gcide.yaml" in err and "missing required field" in err
     assert not (tmp_path / "runs" / "broken").exists()
-    assert (tmp_path / "runs" / ".incomplete-broken").is_dir()
+    assert incomplete_run(tmp_path / "runs", "broken").is_dir()
 
 
 def test_missing_model_path_is_named(tmp_path, capsys):

@@ -7,8 +7,9 @@ import mteb
 import pandas as pd
 import pytest
 
-from kalm_lib.config import REPO_ROOT, load_profile
+from kalm_lib.config import load_profile
 from kalm_lib.data_cards import DataCardError
+from kalm_lib.layout import REPO_ROOT
 from kalm_lib.reference import beside_reference, load_reference_scores, reference_summary
 
 CARD = """\

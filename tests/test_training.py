@@ -19,6 +19,7 @@ from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
 from kalm_lib.config import Profile, TrainConfig
 from kalm_lib.curation import load_train_sets
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
+from kalm_lib.layout import RunLayout, StageLayout
 from kalm_lib.pipeline import open_run
 from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, step_chunks, train_stage
 
@@ -33,7 +34,7 @@ def curated(curated_tiny: Path) -> tuple[Profile, Path]:
 
 @pytest.fixture(scope="module")
 def finetune_sets(curated: tuple[Profile, Path]) -> TrainSets:
-    return load_train_sets(curated[1] / "data", "finetune")
+    return load_train_sets(RunLayout(curated[1]), "finetune")
 
 
 def fresh_encoder(profile: Profile, **model: object) -> Encoder:
@@ -64,9 +65,10 @@ def test_resume_from_state_is_exact_with_mixing_optimizer_and_scheduler(curated,
     full = train_stage(whole, finetune_sets, cfg, tmp_path / "full", seed=5)
 
     first = train_stage(fresh_encoder(profile), finetune_sets, cfg, tmp_path / "cut", seed=5, stop_after=3)
-    state = tmp_path / "cut" / "state_3"
-    assert first.final_dir is None and not (tmp_path / "cut" / "final").exists()
-    assert json.loads((state / "progress.json").read_text())["step"] == 3
+    cut = StageLayout(tmp_path / "cut")
+    state = cut.state(3)
+    assert first.final_dir is None and not cut.final.exists()
+    assert json.loads(cut.progress(3).read_text())["step"] == 3
     assert {"optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= {p.name for p in state.iterdir()}
 
     resumed_encoder = fresh_encoder(profile)  # a new process would start from the initial weights
@@ -75,7 +77,7 @@ def test_resume_from_state_is_exact_with_mixing_optimizer_and_scheduler(curated,
     assert parameters_equal(whole, resumed_encoder)
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
     assert [(h["set"], h["loss"], h["lr"]) for h in resumed.history] == [(h["set"], h["loss"], h["lr"]) for h in full.history]
-    assert resumed.final_dir == tmp_path / "cut" / "final" and resumed.final_dir.is_dir()
+    assert resumed.final_dir == cut.final and resumed.final_dir.is_dir()
 
 
 def test_mixing_draws_from_the_torch_rng_so_resume_must_restore_it(curated) -> None:
@@ -105,7 +107,7 @@ def test_non_finite_loss_stops_naming_the_step(curated, finetune_sets, tmp_path:
     monkeypatch.setattr(training, "batch_loss", nan_on_second_step)
     with pytest.raises(FloatingPointError, match="at step 2 "):
         train_stage(fresh_encoder(profile), finetune_sets, profile.finetune, tmp_path, seed=0)
-    assert not (tmp_path / "final").exists()
+    assert not StageLayout(tmp_path).final.exists()
 
 
 def test_absurd_temperature_stops_at_the_first_step(curated, finetune_sets, tmp_path: Path) -> None:
@@ -113,7 +115,7 @@ def test_absurd_temperature_stops_at_the_first_step(curated, finetune_sets, tmp_
     cfg = dataclasses.replace(profile.finetune, temperature=1e-45)  # logits overflow to inf
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1 "):
         train_stage(fresh_encoder(profile), finetune_sets, cfg, tmp_path, seed=0)
-    assert not (tmp_path / "final").exists()
+    assert not StageLayout(tmp_path).final.exists()
 
 
 # --- gradient checkpointing and bf16 switches --------------------------------------------------
@@ -125,7 +127,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(curated, finet
     for checkpointing in (False, True):
         encoder = fresh_encoder(profile, gradient_checkpointing=checkpointing)
         layer_calls = []
-        encoder.backbone.layers[0].self_attn.register_forward_hook(lambda *_: layer_calls.append(1))
+        encoder.backbone.layers[0].self_attn.register_forward_hook(lambda *_, calls=layer_calls: calls.append(1))
         encoder.train()
         torch.manual_seed(0)  # same mixing draws
         chunks = step_chunks(encoder, batch, profile.finetune)

@@ -1,0 +1,48 @@
+"""Writing run-level files: one helper, main process only, never half-written.
+
+Under ``accelerate launch`` every process runs the same stage code; only process 0 writes files
+that belong to the run (histories, tables, manifests). A file is written to a temporary name in
+its folder and renamed into place, so a reader (or a crash) never sees part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .distributed import world
+
+
+def is_main_process() -> bool:
+    """True on the process that writes run-level files (the only one without torch.distributed)."""
+    return world()[0] == 0
+
+
+def write_output(payload: object, path: Path) -> Path | None:
+    """Write ``payload`` to ``path`` from the main process; return the path (None elsewhere).
+
+    A :class:`pandas.DataFrame` is written as CSV without its index, a ``str`` as UTF-8 text,
+    anything else as indented JSON (``default=str`` for paths and timestamps). Parent folders are
+    created; the content goes to a temporary file in the same folder and is renamed over ``path``.
+    """
+    if not is_main_process():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            if isinstance(payload, pd.DataFrame):
+                payload.to_csv(stream, index=False)
+            elif isinstance(payload, str):
+                stream.write(payload)
+            else:
+                json.dump(payload, stream, indent=1, default=str)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
