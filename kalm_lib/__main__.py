@@ -2,9 +2,10 @@
 
 ``python -m kalm_lib run --profile cpu`` runs the whole notebook series.
 
-``python -m kalm_lib train --profile P --run-dir D --stage {pretrain,finetune}`` runs one training
-stage on a run folder whose ``data/`` was written by notebook 00 (``pipeline.run_curation``). It is
-the entry point for multi-process and multi-node training, e.g.::
+``python -m kalm_lib train --profile P --run-dir D --stage {pretrain,mine,finetune}`` runs one
+stage on a run folder curated by notebook 00 (``pipeline.run_curation``): stage-1 training, mining
+stage-2 hard negatives with the stage-1 model (one process), or stage-2 training. It is the entry
+point for multi-process and multi-node training, e.g.::
 
     accelerate launch --multi_gpu --num_processes 8 -m kalm_lib train --profile gpu-qwen2-0.5b --run-dir runs/x --stage pretrain
     accelerate launch --multi_gpu --num_machines 2 --machine_rank R --main_process_ip HOST \\
@@ -40,12 +41,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = None, overrides: dict | None = None) -> Path:
-    """Run one training stage (``pretrain`` or ``finetune``) on an already curated run folder.
+    """Run one stage (``pretrain``, ``mine`` or ``finetune``) on an already curated run folder.
 
     ``seed`` picks the single stage-2 seed to train (default: every ``finetune.seeds``) or, for
     stage 1, replaces the profile's top-level seed. Works under ``accelerate launch`` /
     ``torch.distributed.run``: every process trains its shard; only the main process writes the
-    run-level files (histories, final folders). Returns the folder of the (last) final encoder.
+    run-level files (histories, final folders). Mining runs on the main process only. Returns the
+    folder of the (last) final encoder, or the data folder after mining.
     """
     import torch
     from accelerate import PartialState
@@ -60,7 +62,7 @@ def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = No
     layout = RunLayout(Path(run_dir).expanduser().resolve())
     if not layout.data.is_dir():
         raise FileNotFoundError(f"{layout.data} not found: curate first (notebook 00 / pipeline.run_curation)")
-    if stage == "finetune" and not layout.stage1.final.is_dir():
+    if stage in ("mine", "finetune") and not layout.stage1.final.is_dir():
         raise FileNotFoundError(f"{layout.stage1.final} not found: run --stage pretrain first")
     cfg, run_dir = pipeline.open_run(profile, layout.root, overrides)
     # Initialise the process group (same device choice as training.make_accelerator) before the
@@ -68,6 +70,10 @@ def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = No
     state = PartialState(cpu=not torch.cuda.is_available())
     if stage == "pretrain":
         final = pipeline.run_pretraining(cfg, run_dir).final_dir
+    elif stage == "mine":
+        if state.is_main_process:
+            pipeline.run_mining(cfg, run_dir)
+        final = RunLayout(run_dir).data
     else:
         final = pipeline.run_finetuning(cfg, run_dir)[-1].final_dir
     state.wait_for_everyone()
@@ -87,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="run one training stage on a curated run folder (accelerate launch entry point)")
     train.add_argument("--profile", required=True, help="profile name (kalm_lib/profiles) or YAML path")
     train.add_argument("--run-dir", type=Path, required=True, help="run folder whose data/ notebook 00 wrote")
-    train.add_argument("--stage", choices=("pretrain", "finetune"), required=True)
+    train.add_argument("--stage", choices=("pretrain", "mine", "finetune"), required=True)
     train.add_argument("--seed", type=int, default=None,
                        help="finetune: train only this seed (default: every finetune.seeds); pretrain: the stage-1 seed")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile parameter, e.g. --set pretrain.steps=10")
     grid = sub.add_parser("grid", help="run an ablation grid (every variant through the notebook series) and its report")
-    grid.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. kalm_lib/grids/cpu-ablations.yaml")
+    grid.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. kalm_lib/grids/cpu-findings.yaml")
     grid.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
     args = parser.parse_args(argv)

@@ -67,8 +67,9 @@ def needs_own_upstream(overrides: dict[str, Any]) -> bool:
 
 
 def variant_eval_overrides(reused: bool) -> dict[str, Any]:
-    """Variants skip the compressed-embedding scores, and base/stage 1 when those are reused."""
-    return {"evaluation.matryoshka_dims": [], "evaluation.quantizations": [], "evaluation.skip_upstream_models": reused}
+    """Variants skip the quantised scores, and base/stage 1 when those are reused; they keep the
+    Matryoshka-truncated scores (the Matryoshka-loss ablation is read from them)."""
+    return {"evaluation.quantizations": [], "evaluation.skip_upstream_models": reused}
 
 
 def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:

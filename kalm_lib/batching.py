@@ -7,7 +7,8 @@ and several processes split each global batch into equal contiguous shards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -16,9 +17,15 @@ from .data_cards import DataCard
 from .instructions import format_instructed
 
 
+def text_key(text: str) -> int:
+    """A 63-bit key of a text, the same on every process and run (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Texts of one (local) batch, ready for the encoder."""
+    """Texts of one (local) batch, ready for the encoder, with keys that tell equal texts apart
+    from different ones (the loss never counts a candidate equal to a row's positive as negative)."""
 
     source: str
     queries: list[str]
@@ -26,6 +33,12 @@ class Batch:
     negatives: list[str]
     negatives_per_query: int
     in_batch_negatives: bool
+    positive_keys: list[int] = field(init=False)
+    negative_keys: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positive_keys", [text_key(t) for t in self.positives])
+        object.__setattr__(self, "negative_keys", [text_key(t) for t in self.negatives])
 
     @property
     def texts(self) -> list[str]:

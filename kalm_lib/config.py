@@ -45,6 +45,9 @@ class DataConfig:
     hard_negatives: int = 3  # M: hard negatives per stage-2 row (given ones first, then mined)
     hard_negative_rank_min: int = 10  # mining window [rank_min, rank_max) of the ranked candidate pool
     hard_negative_rank_max: int = 50
+    mining_score_decimals: int = 4  # mining ranks scores rounded to this many decimals (stable across CPUs)
+    mining_consistency_filter: bool = True  # drop rows whose positive ranks below the mining window's start
+    mining_pool_max: int = 0  # candidate words to mine from (a seeded sample); 0 = every word not held out
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class TrainConfig:
     mixing_pairs: int = 2  # synthetic negatives mixing two hard negatives, per query
     mixing_query: int = 1  # synthetic negatives mixing the query into a hard negative, per query
     mixing_query_beta_max: float = 0.5  # query share beta ~ U(0, beta_max) in those, <= 0.5
+    matryoshka_dims: list[int] = field(default_factory=list)  # [] = off; else loss summed over these embedding prefixes
+    matryoshka_weights: list[float] = field(default_factory=list)  # one weight per matryoshka dim
     checkpoint_every: int = 0  # > 0: save a resumable state every this many steps
     log_every: int = 10  # steps between progress callbacks
     seeds: list[int] = field(default_factory=lambda: [0])  # stage 2: one run per seed (the soup's ingredients)
@@ -88,6 +93,13 @@ class TrainConfig:
         for name, low in (("steps", 0), ("batch_size", 1), ("mini_batch_size", 0), ("chunk_tokens", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if len(dims) != len(weights):
+            raise ConfigError(f"matryoshka_dims {dims} and matryoshka_weights {weights} need one weight per dim")
+        if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
+            raise ConfigError(f"matryoshka_dims must be positive and strictly decreasing, got {dims}")
+        if any(w <= 0 for w in weights):
+            raise ConfigError(f"matryoshka_weights must be > 0, got {weights}")
 
 
 @dataclass(frozen=True)

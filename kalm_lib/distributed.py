@@ -25,3 +25,13 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     if size == 1:
         return tensor
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def gather_without_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (e.g. int64 text keys) from every process along dim 0, no autograd."""
+    _, size = world()
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)

@@ -4,8 +4,10 @@ KaLM-Embedding-V2 enriches hard negatives online instead of mining more offline;
 mixing scheme it builds on (MoCHi, Kalantidis et al. 2020). For query q_i, rank its candidate
 negatives n (unit vectors) by s(q_i, n) and keep the ``top_k`` hardest, H_i. Then
 
-* ``pairs`` negatives mix two hardest negatives:  h = norm(a * n_a + (1 - a) * n_b),  a ~ U(0, 1),
-  n_a, n_b drawn from H_i;
+* ``pairs`` negatives mix two different hardest negatives:  h = norm(a * n_a + (1 - a) * n_b),
+  a ~ U(0, 1), (n_a, n_b) drawn from H_i without replacement. With fewer than 2 hardest negatives
+  (classification-style rows with one label negative) a pair mix would be a copy of the real
+  negative, so pair mixes are skipped for that batch;
 * ``query_mixes`` negatives mix the query itself in:  h' = norm(b * q_i + (1 - b) * n_a),
   b ~ U(0, beta_max) with beta_max <= 0.5, so h' stays closer to the negative than to the query.
 
@@ -48,16 +50,18 @@ def hardest_negatives(queries: Tensor, candidates: Tensor, allowed: Tensor, top_
 
 
 def synthesise(queries: Tensor, hardest: Tensor, cfg: MixingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """[B, pairs + query_mixes, D] synthetic unit-norm negatives (detached) for each query."""
+    """[B, pairs + query_mixes, D] synthetic unit-norm negatives (detached) for each query
+    ([B, query_mixes, D] when fewer than 2 hardest negatives exist)."""
     batch, k, _ = hardest.shape
     device = queries.device
     parts = []
     rows = torch.arange(batch, device=device)[:, None]
-    if cfg.pairs:
-        index = torch.randint(k, (batch, cfg.pairs, 2), generator=generator, device=device)
+    if cfg.pairs and k >= 2:
+        first = torch.randint(k, (batch, cfg.pairs), generator=generator, device=device)
+        second = torch.randint(k - 1, (batch, cfg.pairs), generator=generator, device=device)
+        second = second + (second >= first).long()  # uniform over the k - 1 others: never itself
         alpha = torch.rand(batch, cfg.pairs, 1, generator=generator, device=device)
-        mixed = alpha * hardest[rows, index[..., 0]] + (1 - alpha) * hardest[rows, index[..., 1]]
-        parts.append(mixed)
+        parts.append(alpha * hardest[rows, first] + (1 - alpha) * hardest[rows, second])
     if cfg.query_mixes:
         index = torch.randint(k, (batch, cfg.query_mixes), generator=generator, device=device)
         beta = cfg.beta_max * torch.rand(batch, cfg.query_mixes, 1, generator=generator, device=device)

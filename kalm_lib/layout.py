@@ -11,6 +11,8 @@ are the constants below. A run folder::
       data/                        notebook 00
         pretrain/<set>.parquet     curated shards, one per derived card
         finetune/<set>.parquet
+        mined/<set>.parquet        stage-2 shards with negatives mined by the stage-1 model (notebook 02)
+        mining_pool.parquet        candidate words for mining (every word not held out) and their relations
         eval/<file>.json           held-out test payloads
         validation/<file>.json     soup-selection payloads
         cards/<set>.yaml           filled data cards (size, sha256, file)
@@ -21,7 +23,7 @@ are the constants below. A run folder::
         soup_<method>
       metrics/                     one file per stage
         bidirectional_check.csv  stage1_history.json  stage2_seed<S>_history.json
-        soup_trace.csv  mteb_scores.csv
+        mining_quality.csv  mining_samples.csv  soup_trace.csv  mteb_scores.csv
       mteb/  mteb_validation/      mteb's own result folders (test / validation)
 
 A grid folder holds one run folder per variant plus ``report.ipynb``, ``report.html`` and
@@ -123,6 +125,14 @@ class RunLayout:
         """Curated Parquet shard of training set ``name`` for ``stage`` (pretrain / finetune)."""
         return self.data / stage / f"{name}.parquet"
 
+    def mined_shard(self, name: str) -> Path:
+        """Stage-2 shard of set ``name`` after hard-negative mining with the stage-1 model."""
+        return self.data / "mined" / f"{name}.parquet"
+
+    @property
+    def mining_pool(self) -> Path:
+        return self.data / "mining_pool.parquet"
+
     def eval_payloads(self, split: str) -> Path:
         """Folder of the evaluation payloads of ``split`` (``test`` -> ``eval/``, ``validation``)."""
         return self.data / ("validation" if split == "validation" else "eval")
@@ -176,6 +186,14 @@ class RunLayout:
         return self.metrics / "bidirectional_check.csv"
 
     @property
+    def mining_quality(self) -> Path:
+        return self.metrics / "mining_quality.csv"
+
+    @property
+    def mining_samples(self) -> Path:
+        return self.metrics / "mining_samples.csv"
+
+    @property
     def soup_trace(self) -> Path:
         return self.metrics / "soup_trace.csv"
 
@@ -195,7 +213,8 @@ class RunLayout:
 
     def upstream(self) -> list[Path]:
         """What notebooks 00-02 leave behind (a grid variant that changes only stage 2 reuses it)."""
-        return [self.data, self.stage1.root, self.bidirectional_check, self.history(STAGE1)]
+        return [self.data, self.stage1.root, self.bidirectional_check, self.history(STAGE1), self.mining_quality,
+                self.mining_samples]
 
 
 def incomplete_run(runs_dir: Path, name: str) -> Path:

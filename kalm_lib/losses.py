@@ -19,12 +19,50 @@ which is plain InfoNCE for gamma = 0. The weight is part of the graph, as in foc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import gather_with_grad, world
+from .distributed import gather_with_grad, gather_without_grad, world
 from .hard_negative_mixing import MixingConfig, hardest_negatives, synthesise
+
+
+@dataclass(frozen=True)
+class TextKeys:
+    """Integer keys of the local batch's texts (equal key = equal text): ``positives`` [B] and
+    ``negatives`` [B, M] (see :func:`kalm_lib.batching.text_key`)."""
+
+    positives: Tensor
+    negatives: Tensor
+
+
+def unstack(embeddings: Tensor, batch_size: int, negatives_per_query: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[queries; positives; negatives grouped by query] -> (q [B, D], p [B, D], n [B, M, D])."""
+    queries, positives = embeddings[:batch_size], embeddings[batch_size : 2 * batch_size]
+    negatives = embeddings[2 * batch_size :].reshape(batch_size, negatives_per_query, embeddings.shape[1])
+    return queries, positives, negatives
+
+
+def distinct_allowed(allowed: Tensor, keys: Tensor) -> Tensor:
+    """[B, C] ``allowed`` keeping, per row, only the first allowed column of every distinct key.
+
+    Columns are grouped by key (stable sort, so a group keeps column order); within a group the
+    running count of allowed columns is 1 exactly at the row's first allowed copy.
+    """
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group_start = torch.cummax(torch.where(starts, torch.arange(len(keys), device=keys.device), 0), dim=0).values
+    counts = allowed[:, order].long().cumsum(dim=1)
+    before = torch.where(group_start > 0, counts[:, (group_start - 1).clamp_min(0)], 0)
+    first_sorted = allowed[:, order] & (counts - before == 1)
+    first = torch.empty_like(first_sorted)
+    first[:, order] = first_sorted
+    return first
 
 
 def focal_infonce(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
@@ -109,7 +147,14 @@ class KalmContrastiveLoss(nn.Module):
         self.mixing = mixing
         self.generator = generator
 
-    def forward(self, queries: Tensor, positives: Tensor, negatives: Tensor | None = None, in_batch_negatives: bool = True) -> Tensor:
+    def forward(
+        self,
+        queries: Tensor,
+        positives: Tensor,
+        negatives: Tensor | None = None,
+        in_batch_negatives: bool = True,
+        keys: TextKeys | None = None,
+    ) -> Tensor:
         """Scalar loss for the local queries against global candidates."""
         batch, dim = queries.shape
         negatives = queries.new_zeros(batch, 0, dim) if negatives is None else negatives
@@ -120,20 +165,40 @@ class KalmContrastiveLoss(nn.Module):
         candidates = torch.cat([all_pos, all_neg], dim=0)
         own = torch.arange(batch, device=queries.device) + rank * batch
         allowed = self._allowed(own, all_pos.shape[0], all_neg.shape[0], per_query, in_batch_negatives)
+        candidate_keys = None
+        if keys is not None:
+            candidate_keys = torch.cat([gather_without_grad(keys.positives), gather_without_grad(keys.negatives.reshape(-1))])
+            allowed &= self._not_a_copy_of_the_positive(candidate_keys, keys.positives, own)
         logits = (queries @ candidates.T).masked_fill(~allowed, float("-inf"))
         if self.mixing is not None:
             negative_mask = allowed.clone()
             negative_mask[torch.arange(batch), own] = False
+            if candidate_keys is not None:
+                negative_mask = distinct_allowed(negative_mask, candidate_keys)
             hardest = hardest_negatives(queries.detach(), candidates.detach(), negative_mask, self.mixing.top_k)
             synthetic = synthesise(queries.detach(), hardest, self.mixing, self.generator)
             logits = torch.cat([logits, torch.einsum("bd,bmd->bm", queries, synthetic)], dim=1)
         return focal_infonce(logits / self.temperature, own, self.focal_gamma)
 
-    def from_stacked(self, embeddings: Tensor, batch_size: int, negatives_per_query: int, in_batch_negatives: bool = True) -> Tensor:
+    def from_stacked(
+        self,
+        embeddings: Tensor,
+        batch_size: int,
+        negatives_per_query: int,
+        in_batch_negatives: bool = True,
+        keys: TextKeys | None = None,
+    ) -> Tensor:
         """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
-        queries, positives = embeddings[:batch_size], embeddings[batch_size : 2 * batch_size]
-        negatives = embeddings[2 * batch_size :].reshape(batch_size, negatives_per_query, embeddings.shape[1])
-        return self(queries, positives, negatives, in_batch_negatives)
+        queries, positives, negatives = unstack(embeddings, batch_size, negatives_per_query)
+        return self(queries, positives, negatives, in_batch_negatives, keys)
+
+    @staticmethod
+    def _not_a_copy_of_the_positive(candidate_keys: Tensor, positive_keys: Tensor, own: Tensor) -> Tensor:
+        """[B, candidates] False where a candidate other than the row's own positive column is the
+        same text as the row's positive (a repeated positive in the batch is no negative)."""
+        copies = candidate_keys[None, :] == positive_keys[:, None]
+        copies[torch.arange(len(own), device=own.device), own] = False
+        return ~copies
 
     @staticmethod
     def _allowed(own: Tensor, n_pos: int, n_neg: int, per_query: int, in_batch: bool) -> Tensor:
@@ -148,3 +213,85 @@ class KalmContrastiveLoss(nn.Module):
             columns = n_pos + own[:, None] * per_query + torch.arange(per_query, device=own.device)
             allowed[rows[:, None], columns] = True
         return allowed
+
+
+class MatryoshkaLoss(nn.Module):
+    """A contrastive loss summed over nested prefixes of the embedding (Matryoshka representations).
+
+    For dims d_1 > d_2 > ... and weights w_k, with t_d(x) = x[:d] / ||x[:d]|| (the first d
+    coordinates, re-normalised)::
+
+        L = sum_k  w_k * base(t_{d_k}(q), t_{d_k}(p), t_{d_k}(n))
+
+    so every prefix of the embedding is itself a usable embedding.
+
+    Args:
+        base: the loss applied at every dimension, e.g. :class:`KalmContrastiveLoss` (its focal
+            weight and mixing act per dimension; mixing draws fresh synthetic negatives for each).
+        dims: strictly decreasing prefix sizes, each <= the embedding size at call time.
+        weights: one positive weight per dim.
+
+    Inputs:
+        As ``base``: ``forward(queries, positives, negatives, in_batch_negatives, keys)`` and
+        :meth:`from_stacked`. Returns a scalar.
+
+    References:
+        - Matryoshka Representation Learning (Kusupati et al., 2022, arXiv 2205.13147).
+        - The KaLM-Embedding authors' released training script trains Qwen2-0.5B with dims
+          896/512/256/128/64 and weights 1/0.3/0.2/0.1/0.1; the KaLM-Embedding-V2 model card lists
+          the same Matryoshka dims.
+
+    Relations:
+        With ``dims=[D]`` (the full size) and ``weights=[1]`` it equals ``base``; sentence-transformers'
+        ``MatryoshkaLoss`` computes the same weighted sum around its own losses.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F
+        >>> loss_fn = MatryoshkaLoss(KalmContrastiveLoss(temperature=0.05), dims=[8, 4], weights=[1.0, 0.3])
+        >>> q, p = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+        >>> loss_fn(q, p).shape
+        torch.Size([])
+    """
+
+    def __init__(self, base: KalmContrastiveLoss, dims: Sequence[int], weights: Sequence[float]) -> None:
+        super().__init__()
+        dims, weights = list(dims), list(weights)
+        if not dims or len(dims) != len(weights):
+            raise ValueError(f"matryoshka: need one weight per dim, got dims {dims} and weights {weights}")
+        if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
+            raise ValueError(f"matryoshka: dims must be positive and strictly decreasing, got {dims}")
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"matryoshka: weights must be > 0, got {weights}")
+        self.base = base
+        self.dims = dims
+        self.weights = weights
+
+    def forward(
+        self,
+        queries: Tensor,
+        positives: Tensor,
+        negatives: Tensor | None = None,
+        in_batch_negatives: bool = True,
+        keys: TextKeys | None = None,
+    ) -> Tensor:
+        """Weighted sum of ``base`` over the truncated, re-normalised embeddings."""
+        if self.dims[0] > queries.shape[-1]:
+            raise ValueError(f"matryoshka: dim {self.dims[0]} exceeds the embedding size {queries.shape[-1]}")
+        total = queries.new_zeros(())
+        for dim, weight in zip(self.dims, self.weights):
+            cut = [None if x is None else F.normalize(x[..., :dim], dim=-1) for x in (queries, positives, negatives)]
+            total = total + weight * self.base(*cut, in_batch_negatives, keys)
+        return total
+
+    def from_stacked(
+        self,
+        embeddings: Tensor,
+        batch_size: int,
+        negatives_per_query: int,
+        in_batch_negatives: bool = True,
+        keys: TextKeys | None = None,
+    ) -> Tensor:
+        """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
+        queries, positives, negatives = unstack(embeddings, batch_size, negatives_per_query)
+        return self(queries, positives, negatives, in_batch_negatives, keys)

@@ -1,52 +1,250 @@
-"""Offline hard-negative mining with a previous model, as in the paper's stage-2 data.
+"""Offline hard-negative mining with the previous stage's model, as in the paper's stage-2 data.
 
-For each query, rank a candidate pool (the set's own positives) by cosine similarity with an
-encoder and sample negatives from ranks [rank_min, rank_max): close enough to be hard, far enough
-down the list to rarely be unlabelled positives. Known positives and synonyms of the positive
-(``exclude``) are never used. Existing negatives (e.g. antonyms) are kept first.
+For each row (query q, positive p) the miner ranks a candidate pool by cosine similarity to q and
+samples negatives from the window of ranks [rank_min, rank_max): close enough to be hard, far
+enough down the list to rarely be unlabelled positives. The authors' released mining script
+(HITsz-TMG/KaLM-Embedding, ``hn_mine.py``) is followed where it says what it does:
+
+* the query text itself and the row's known positives are never negatives; we also ban every
+  word related (synonym) to any word of the row, in both directions;
+* ranking-consistency filter: a row whose positive scores below the candidate at the window's
+  start (the model already ranks >= rank_min other candidates above the answer) is dropped;
+* rows short of negatives are padded with random pool candidates instead of cutting every row
+  to the shortest one.
+
+Robust to float noise: scores are rounded to ``score_decimals`` and ranked by (rounded score
+descending, pool index ascending), so a 1e-6 change of an embedding (another CPU's kernels) moves a
+candidate across the window's edge only when it crosses a rounding boundary; the window is then
+read in pool order and each row draws from its own RNG stream, so one changed row never shifts
+another row's draws.
+
+Memory is bounded by blocks: ``block_queries`` x ``block_pool`` scores at a time, with a running
+top-k per query, never the queries x pool matrix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .data_cards import DataCard
+from .data_cards import DataCard, write_card
 from .encoder import Encoder
 from .instructions import format_instructed
+from .layout import RunLayout
+from .outputs import write_output
+
+_TIE_BITS = 32  # pool indices live in the low bits of the ranking key
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """How many negatives to mine per row, from which ranks, and how scores are ranked."""
+
+    count: int  # M: negatives per row (given ones such as antonyms first)
+    rank_min: int  # window [rank_min, rank_max) of the ranked pool, after banned candidates are removed
+    rank_max: int
+    score_decimals: int = 4  # scores rounded to this many decimals before ranking (float-noise guard)
+    consistency_filter: bool = True  # drop rows whose positive ranks below the window start
+    block_queries: int = 512  # queries scored at once
+    block_pool: int = 16384  # pool candidates scored at once
+    seed: int = 0  # per-row RNG streams derive from (seed, row)
+    banned_margin: int = 64  # extra ranks fetched so banned candidates can be skipped
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError(f"mining: count must be >= 0, got {self.count}")
+        if not 0 <= self.rank_min < self.rank_max:
+            raise ValueError(f"mining: need 0 <= rank_min < rank_max, got [{self.rank_min}, {self.rank_max})")
+        if self.block_queries < 1 or self.block_pool < 1:
+            raise ValueError("mining: block sizes must be >= 1")
+
+
+@dataclass
+class MiningResult:
+    """The mined rows and what the mining did (see :func:`mining_quality`)."""
+
+    frame: pd.DataFrame
+    dropped_inconsistent: int = 0
+    padded_rows: int = 0
+    quality: dict[str, float] = field(default_factory=dict)
+    samples: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def needs_mining(card: DataCard) -> bool:
+    """Stage-2 sets whose negatives are mined: all but classification-style sets (fixed labels)."""
+    return card.stage == "finetune" and card.task_type != "classification"
+
+
+def pool_table(sources: Mapping[str, pd.DataFrame], held_out: frozenset[str]) -> pd.DataFrame:
+    """The candidate corpus of the lexical sets: every word of the sources (columns ``word``,
+    ``synonym``, ``antonym``; ~100k headwords and lemmas) that is not held out, sorted, with the
+    words related to it (synonyms, both directions), which mining never pairs with it."""
+    words: set[str] = set()
+    related: dict[str, set[str]] = {}
+    for frame in sources.values():
+        for column in ("word", "synonym", "antonym"):
+            if column in frame:
+                words.update(frame[column].dropna().astype(str))
+        if "synonym" in frame:
+            for a, b in zip(frame["word"], frame["synonym"]):
+                related.setdefault(a, set()).add(b)
+                related.setdefault(b, set()).add(a)
+    texts = sorted(w for w in words if w and w not in held_out)
+    return pd.DataFrame({"text": texts, "related": [sorted(related.get(t, ())) for t in texts]})
+
+
+def write_mined(frame: pd.DataFrame, card: DataCard, layout: RunLayout) -> None:
+    """Write the mined shard and point the set's filled card at it (size and SHA-256 updated)."""
+    path = layout.mined_shard(card.name)
+    write_output(frame, path)
+    record = card.filled()
+    record.update(record.pop("extra", {}))
+    record.update(size=len(frame), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                  file=str(path.relative_to(layout.data)), mined_with="stage1")
+    write_card(record, layout.card(card.name))
+
+
+def ranking_keys(scores: torch.Tensor, pool_offset: int, decimals: int) -> torch.Tensor:
+    """int64 keys ordering candidates by rounded score (descending), then pool index (ascending).
+
+    key = round(score * 10^decimals) * 2^32 - (pool_offset + column): unique per candidate, so
+    ``topk`` on keys is exact and independent of the kernel's tie handling.
+    """
+    quantised = torch.round(scores.double() * 10**decimals).long()
+    index = torch.arange(scores.shape[1], dtype=torch.long) + pool_offset
+    return (quantised << _TIE_BITS) - index
+
+
+def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig) -> np.ndarray:
+    """[Q, k] pool indices of each query's k best candidates, best first (exact, blockwise)."""
+    k = min(k, len(pool_vecs))
+    pool = torch.from_numpy(pool_vecs)
+    out = np.empty((len(query_vecs), k), dtype=np.int64)
+    for q0 in range(0, len(query_vecs), cfg.block_queries):
+        queries = torch.from_numpy(query_vecs[q0 : q0 + cfg.block_queries])
+        best = torch.empty(len(queries), 0, dtype=torch.long)
+        for p0 in range(0, len(pool), cfg.block_pool):
+            keys = ranking_keys(queries @ pool[p0 : p0 + cfg.block_pool].T, p0, cfg.score_decimals)
+            best = torch.cat([best, keys], dim=1).topk(min(k, best.shape[1] + keys.shape[1]), dim=1).values
+        low = best & ((1 << _TIE_BITS) - 1)
+        out[q0 : q0 + len(queries)] = ((1 << _TIE_BITS) - low) % (1 << _TIE_BITS)
+    return out
+
+
+def _on_grid(score: float, decimals: int) -> int:
+    """A score on the ranking grid (what :func:`ranking_keys` compares)."""
+    return round(float(score) * 10**decimals)
+
+
+def banned_texts(row_words: Sequence[str], query: str, positive: str, related: Mapping[str, set[str]]) -> set[str]:
+    """Candidates a row must never get as negatives: its query text, its positive, the words it
+    touches and every word related (e.g. synonym) to any of them."""
+    banned = {query, positive, *row_words}
+    for word in list(banned):
+        banned |= related.get(word, set())
+    return banned
 
 
 def mine_hard_negatives(
     frame: pd.DataFrame,
     card: DataCard,
     encoder: Encoder,
-    count: int,
-    rank_min: int,
-    rank_max: int,
-    rng: np.random.Generator,
-    exclude: dict[str, set[str]] | None = None,
-    batch_size: int = 128,
-) -> pd.DataFrame:
-    """Return ``frame`` with ``negatives`` filled up to ``count`` per row from the rank window."""
-    pool: Sequence[str] = sorted(set(frame["positive"]))
-    if len(pool) <= rank_min:
-        raise ValueError(f"{card.name}: candidate pool of {len(pool)} is smaller than rank_min={rank_min}")
+    pool: Sequence[str],
+    cfg: MiningConfig,
+    related: Mapping[str, set[str]] | None = None,
+    batch_size: int = 256,
+) -> MiningResult:
+    """Fill ``negatives`` up to ``cfg.count`` per row from the rank window of ``pool``.
+
+    The pool is extended with the set's own positives and given negatives. Given negatives (e.g.
+    antonyms) come first; mined ones follow, drawn uniformly from the window; a row whose window
+    holds too few candidates is padded with random pool candidates. Queries are encoded with the
+    card's instruction, candidates with it only for symmetric cards (documents stay bare).
+    """
+    related = related or {}
+    pool = sorted(set(pool) | set(frame["positive"]) | {n for negs in frame["negatives"] for n in negs})
+    if len(pool) <= cfg.rank_min:
+        raise ValueError(f"{card.name}: candidate pool of {len(pool)} is not larger than rank_min={cfg.rank_min}")
     doc_instruction = card.instruction if card.symmetric else ""
-    pool_vecs = torch.from_numpy(encoder.encode([format_instructed(doc_instruction, t) for t in pool], batch_size))
-    query_vecs = torch.from_numpy(encoder.encode([format_instructed(card.instruction, q) for q in frame["query"]], batch_size))
-    window = min(rank_max, len(pool))
-    ranked = (query_vecs @ pool_vecs.T).topk(window, dim=1).indices[:, rank_min:].numpy()
-    exclude = exclude or {}
-    mined = []
-    for row, (positive, existing) in enumerate(zip(frame["positive"], frame["negatives"])):
-        banned = {positive, *exclude.get(positive, ())}
-        chosen = [n for n in existing if n not in banned][:count]
-        candidates = [pool[i] for i in rng.permutation(ranked[row]) if pool[i] not in banned and pool[i] not in chosen]
-        mined.append(chosen + candidates[: count - len(chosen)])
-    out = frame.copy()
+    pool_vecs = encoder.encode([format_instructed(doc_instruction, t) for t in pool], batch_size)
+    query_vecs = encoder.encode([format_instructed(card.instruction, q) for q in frame["query"]], batch_size)
+    position = {text: i for i, text in enumerate(pool)}
+    positive_scores = np.einsum("qd,qd->q", query_vecs, pool_vecs[[position[p] for p in frame["positive"]]])
+    ranked = top_ranked(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg)
+
+    keep, mined, padded = [], [], 0
+    for row, (query, positive, given, words) in enumerate(
+        zip(frame["query"], frame["positive"], frame["negatives"], frame["words"])
+    ):
+        banned = banned_texts(list(words), query, positive, related)
+        order = [i for i in ranked[row] if pool[i] not in banned]
+        window = sorted(order[cfg.rank_min : cfg.rank_max])  # pool order: membership matters, not rank
+        if cfg.consistency_filter and len(order) > cfg.rank_min:
+            start = query_vecs[row] @ pool_vecs[order[cfg.rank_min]]
+            if _on_grid(positive_scores[row], cfg.score_decimals) < _on_grid(start, cfg.score_decimals):
+                continue
+        rng = np.random.default_rng([cfg.seed, row])
+        chosen = [n for n in dict.fromkeys(given) if n not in banned][: cfg.count]
+        picks = [pool[i] for i in rng.permutation(window) if pool[i] not in chosen]
+        chosen += picks[: cfg.count - len(chosen)]
+        if len(chosen) < cfg.count:
+            padded += 1
+            chosen += _random_candidates(pool, banned | set(chosen), cfg.count - len(chosen), rng)
+        keep.append(row)
+        mined.append(chosen)
+    out = frame.iloc[keep].copy()
     out["negatives"] = mined
-    out["words"] = [list(dict.fromkeys([*w, *n])) for w, n in zip(frame["words"], mined)]
-    return out
+    out["words"] = [list(dict.fromkeys([*w, *n])) for w, n in zip(out["words"], mined)]
+    out = out.reset_index(drop=True)
+    vectors = (query_vecs[keep], pool_vecs, position)
+    return MiningResult(
+        frame=out,
+        dropped_inconsistent=len(frame) - len(keep),
+        padded_rows=padded,
+        quality=mining_quality(out, vectors, cfg.seed),
+        samples=out[["query", "positive", "negatives"]].head(5),
+    )
+
+
+def _random_candidates(pool: Sequence[str], banned: set[str], count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` distinct random pool candidates outside ``banned`` (fewer if the pool runs out)."""
+    picks: list[str] = []
+    for index in rng.permutation(len(pool)):
+        if pool[index] not in banned:
+            picks.append(pool[index])
+            if len(picks) == count:
+                break
+    return picks
+
+
+def mining_quality(
+    mined: pd.DataFrame, vectors: tuple[np.ndarray, np.ndarray, Mapping[str, int]], seed: int
+) -> dict[str, float]:
+    """Is the mining hard and diverse? Over every negative slot of ``mined``:
+
+    * ``distinct_ratio`` = distinct negatives / slots (1 = no negative repeats);
+    * ``top10_share`` = slots filled by the 10 most frequent negatives / slots (hubs show here);
+    * ``mean_cos_negative`` = mean cos(q, negative) and ``mean_cos_random`` = mean cos(q, r) for one
+      uniformly drawn pool candidate r per slot: hard negatives must sit clearly above random.
+    """
+    query_vecs, pool_vecs, position = vectors
+    slots = [n for negatives in mined["negatives"] for n in negatives]
+    if not slots:
+        return {"slots": 0.0}
+    counts = Counter(slots)
+    rows = np.repeat(np.arange(len(mined)), [len(n) for n in mined["negatives"]])
+    negatives = pool_vecs[[position[n] for n in slots]]
+    random = pool_vecs[np.random.default_rng(seed).integers(len(pool_vecs), size=len(slots))]
+    return {
+        "slots": float(len(slots)),
+        "distinct_ratio": len(counts) / len(slots),
+        "top10_share": sum(c for _, c in counts.most_common(10)) / len(slots),
+        "mean_cos_negative": float(np.einsum("sd,sd->s", query_vecs[rows], negatives).mean()),
+        "mean_cos_random": float(np.einsum("sd,sd->s", query_vecs[rows], random).mean()),
+    }

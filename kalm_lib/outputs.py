@@ -25,22 +25,28 @@ def is_main_process() -> bool:
 def write_output(payload: object, path: Path) -> Path | None:
     """Write ``payload`` to ``path`` from the main process; return the path (None elsewhere).
 
-    A :class:`pandas.DataFrame` is written as CSV without its index, a ``str`` as UTF-8 text,
-    anything else as indented JSON (``default=str`` for paths and timestamps). Parent folders are
-    created; the content goes to a temporary file in the same folder and is renamed over ``path``.
+    A :class:`pandas.DataFrame` is written as Parquet when ``path`` ends in ``.parquet``, else as
+    CSV, without its index; a ``str`` as UTF-8 text; anything else as indented JSON (``default=str``
+    for paths and timestamps). Parent folders are created; the content goes to a temporary file in
+    the same folder and is renamed over ``path`` (a new inode: a hard-linked copy of the old file,
+    e.g. in a grid variant that reuses this run, is never changed).
     """
     if not is_main_process():
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            if isinstance(payload, pd.DataFrame):
-                payload.to_csv(stream, index=False)
-            elif isinstance(payload, str):
-                stream.write(payload)
-            else:
-                json.dump(payload, stream, indent=1, default=str)
+        if isinstance(payload, pd.DataFrame) and path.suffix == ".parquet":
+            os.close(handle)
+            payload.to_parquet(temporary, index=False)
+        else:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+                if isinstance(payload, pd.DataFrame):
+                    payload.to_csv(stream, index=False)
+                elif isinstance(payload, str):
+                    stream.write(payload)
+                else:
+                    json.dump(payload, stream, indent=1, default=str)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -27,7 +26,7 @@ from .curation import curate, load_train_sets, write_curated
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, evaluate_model
 from .layout import REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
-from .mining import mine_hard_negatives
+from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import is_main_process, write_output
 from .soup import average_states, greedy_soup, load_state
@@ -53,31 +52,49 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 # --- 00 data curation ----------------------------------------------------------------------------
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Curate every derived card, mine stage-2 hard negatives with the base model, write shards."""
+    """Curate every derived card; write shards, evaluation payloads, filled cards, the summary and
+    the candidate pool that notebook 02 mines stage-2 hard negatives from."""
+    layout = RunLayout(run_dir)
     result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir)
-    synonyms = _related_words(result.sources.get("oewn_synonyms"), "synonym")
-    torch.manual_seed(profile.seed)
-    encoder = load_encoder(profile.model)
-    rng = np.random.default_rng(profile.seed)
-    for name, frame in result.train.items():
-        card = result.cards[name]
-        if card.stage == "finetune" and card.task_type != "classification":
-            result.train[name] = mine_hard_negatives(
-                frame, card, encoder, profile.data.hard_negatives, profile.data.hard_negative_rank_min,
-                profile.data.hard_negative_rank_max, rng, exclude=synonyms,
-            )
-    return write_curated(result, RunLayout(run_dir))
+    summary = write_curated(result, layout)
+    held_out = frozenset().union(*(task.words for task in result.evals.values()))
+    write_output(pool_table(result.sources, held_out), layout.mining_pool)
+    return summary
 
 
-def _related_words(frame: pd.DataFrame | None, column: str) -> dict[str, set[str]]:
-    """word -> words related to it in both directions (mining never uses them as negatives)."""
-    related: dict[str, set[str]] = {}
-    if frame is None:
-        return related
-    for a, b in zip(frame["word"], frame[column]):
-        related.setdefault(a, set()).add(b)
-        related.setdefault(b, set()).add(a)
-    return related
+# --- 02 stage 1, then mining with the stage-1 model ------------------------------------------------
+
+def run_mining(profile: Profile, run_dir: Path) -> pd.DataFrame:
+    """Mine stage-2 hard negatives with the stage-1 model (the previous model, as the paper does).
+
+    Every stage-2 set with in-batch semantics (not classification) is re-ranked against the pool of
+    all non-held-out words plus its own positives; the mined shard and its card replace the
+    curated ones for training. Returns (and writes) the mining-quality table.
+    """
+    layout = RunLayout(run_dir)
+    encoder = encoder_from_checkpoint(layout.stage1.final, profile.model)
+    pool = pd.read_parquet(layout.mining_pool)
+    related = {text: set(words) for text, words in zip(pool["text"], pool["related"]) if len(words)}
+    if profile.data.mining_pool_max:
+        pool = pool.sample(n=min(profile.data.mining_pool_max, len(pool)), random_state=profile.seed).sort_values("text")
+    cfg = MiningConfig(
+        count=profile.data.hard_negatives, rank_min=profile.data.hard_negative_rank_min,
+        rank_max=profile.data.hard_negative_rank_max, score_decimals=profile.data.mining_score_decimals,
+        consistency_filter=profile.data.mining_consistency_filter, seed=profile.seed,
+    )
+    rows, samples = [], []
+    for name, (frame, card) in load_train_sets(layout, "finetune").items():
+        if not needs_mining(card):
+            continue
+        mined = mine_hard_negatives(frame, card, encoder, pool["text"].tolist(), cfg, related, profile.evaluation.batch_size)
+        write_mined(mined.frame, card, layout)
+        rows.append({"set": name, "rows_in": len(frame), "rows_out": len(mined.frame),
+                     "dropped_inconsistent": mined.dropped_inconsistent, "padded_rows": mined.padded_rows, **mined.quality})
+        samples.append(mined.samples.assign(set=name))
+    quality = pd.DataFrame(rows)
+    write_output(quality, layout.mining_quality)
+    write_output(pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(), layout.mining_samples)
+    return quality
 
 
 # --- 01 bidirectional conversion -------------------------------------------------------------
@@ -134,6 +151,10 @@ def run_finetuning(profile: Profile, run_dir: Path) -> list[StageResult]:
     """Stage 2, once per seed: hard negatives, focal reweighting, hard-negative mixing."""
     layout = RunLayout(run_dir)
     sets = load_train_sets(layout, "finetune")
+    unmined = sorted(name for name, (_, card) in sets.items() if needs_mining(card) and "mined_with" not in card.extra)
+    if unmined:
+        raise FileNotFoundError(f"{layout.data}: stage-2 sets {unmined} have no mined negatives; run mining first "
+                                "(notebook 02, pipeline.run_mining, or `kalm_lib train --stage mine`)")
     results = []
     for seed in profile.finetune.seeds:
         encoder = encoder_from_checkpoint(layout.stage1.final, profile.model)

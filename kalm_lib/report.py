@@ -8,8 +8,25 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .config import Profile
 from .curation import load_train_sets
 from .layout import RunLayout
+
+
+def parameters_table(profile: Profile) -> pd.DataFrame:
+    """The run's parameters as a readable table: one row per ``section.key`` and its value."""
+    rows = []
+    for section, value in profile.to_dict().items():
+        if isinstance(value, dict):
+            rows += [{"parameter": f"{section}.{key}", "value": _short(item)} for key, item in value.items()]
+        else:
+            rows.append({"parameter": section, "value": _short(value)})
+    return pd.DataFrame(rows).set_index("parameter")
+
+
+def _short(value: object) -> str:
+    """A parameter value as text (lists and dicts inline)."""
+    return str(value) if not isinstance(value, str) else value or '""'
 
 
 def main_scores(run_dir: Path) -> pd.DataFrame:
@@ -39,6 +56,16 @@ def curated_samples(run_dir: Path, stage: str, rows: int = 3) -> dict[str, pd.Da
     """The first ``rows`` curated examples (query, positive, negatives) of every set of ``stage``."""
     return {name: frame[["query", "positive", "negatives"]].head(rows)
             for name, (frame, _) in load_train_sets(RunLayout(run_dir), stage).items()}
+
+
+def mining_quality(run_dir: Path) -> pd.DataFrame:
+    """Per stage-2 set: rows kept, dropped and padded by mining, and the mined negatives' quality."""
+    return pd.read_csv(RunLayout(run_dir).mining_quality)
+
+
+def mining_samples(run_dir: Path) -> pd.DataFrame:
+    """A few mined rows per set (query, positive, negatives)."""
+    return pd.read_csv(RunLayout(run_dir).mining_samples)
 
 
 def bidirectional_check(run_dir: Path) -> pd.DataFrame:

@@ -35,11 +35,21 @@ def notebook_series(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
     return series
 
 
+# Wide tables scroll inside their cell instead of running off the page; numbers stay aligned.
+REPORT_CSS = """<style>
+.jp-OutputArea-output { overflow-x: auto; max-width: 100%; }
+.jp-RenderedHTMLCommon table { font-size: 12px; font-variant-numeric: tabular-nums; }
+.jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { padding: 2px 6px; }
+body { max-width: 1200px; margin: auto; }
+</style>"""
+
+
 def render_report(executed: Path, html_path: Path) -> Path:
-    """Render an executed notebook to one self-contained HTML file (figures inlined, code hidden)."""
+    """Render an executed notebook to one self-contained HTML file (figures inlined, code hidden,
+    wide tables scrollable)."""
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    write_output(body, html_path)
+    write_output(body.replace("</head>", f"{REPORT_CSS}\n</head>", 1), html_path)
     return html_path
 
 

@@ -31,7 +31,7 @@ from .encoder import Encoder
 from .grad_cache import cached_backward
 from .hard_negative_mixing import MixingConfig
 from .layout import StageLayout
-from .losses import KalmContrastiveLoss
+from .losses import KalmContrastiveLoss, MatryoshkaLoss, TextKeys
 from .outputs import write_output
 
 TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
@@ -58,8 +58,8 @@ def make_accelerator(bf16: bool) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
-    """The stage's loss from its config (mixing only when switched on)."""
+def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss | MatryoshkaLoss:
+    """The stage's loss from its config (mixing and Matryoshka only when switched on)."""
     mixing = (
         MixingConfig(
             top_k=cfg.mixing_top_k, pairs=cfg.mixing_pairs, query_mixes=cfg.mixing_query, beta_max=cfg.mixing_query_beta_max
@@ -67,7 +67,8 @@ def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss:
         if cfg.hard_negative_mixing
         else None
     )
-    return KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing)
+    loss = KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing)
+    return MatryoshkaLoss(loss, cfg.matryoshka_dims, cfg.matryoshka_weights) if cfg.matryoshka_dims else loss
 
 
 def step_chunks(encoder: Encoder, batch: Batch, cfg: TrainConfig) -> list[Chunk]:
@@ -77,16 +78,24 @@ def step_chunks(encoder: Encoder, batch: Batch, cfg: TrainConfig) -> list[Chunk]
     return plan_chunks(encoder, batch.texts, budget)
 
 
-def batch_loss(model: torch.nn.Module, batch: Batch, chunks: list[Chunk], loss_fn: KalmContrastiveLoss) -> torch.Tensor:
+def batch_loss(model: torch.nn.Module, batch: Batch, chunks: list[Chunk], loss_fn: KalmContrastiveLoss | MatryoshkaLoss) -> torch.Tensor:
     """Loss of one batch from its chunks, graph kept."""
     return stacked_loss(batch, loss_fn)(embed_chunks(model, chunks))
 
 
-def stacked_loss(batch: Batch, loss_fn: KalmContrastiveLoss) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss as a function of the embeddings of ``batch.texts``."""
-    return lambda embeddings: loss_fn.from_stacked(
-        embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives
-    )
+def stacked_loss(batch: Batch, loss_fn: KalmContrastiveLoss | MatryoshkaLoss) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss as a function of the embeddings of ``batch.texts`` (with the texts' keys, so a
+    candidate equal to a row's positive is never its negative)."""
+    def loss(embeddings: torch.Tensor) -> torch.Tensor:
+        keys = TextKeys(
+            torch.tensor(batch.positive_keys, dtype=torch.long, device=embeddings.device),
+            torch.tensor(batch.negative_keys, dtype=torch.long, device=embeddings.device).reshape(
+                len(batch.queries), batch.negatives_per_query
+            ),
+        )
+        return loss_fn.from_stacked(embeddings, len(batch.queries), batch.negatives_per_query, batch.in_batch_negatives, keys)
+
+    return loss
 
 
 def _save_progress(stage: StageLayout, accelerator: Accelerator, step: int, history: list[dict]) -> None:
@@ -148,6 +157,10 @@ def train_stage(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (set {name}); stopping")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(torch.as_tensor(grad_norm)):  # DDP gradients are all-reduced: every process agrees
+            raise FloatingPointError(
+                f"non-finite gradient norm {float(grad_norm)} at step {step + 1} (set {name}, loss {loss.item():.4g}); stopping"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

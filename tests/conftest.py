@@ -30,9 +30,17 @@ def tiny_run(tiny_grid):
 
 @pytest.fixture(scope="session")
 def curated_tiny(tmp_path_factory):
-    """A run folder holding only the tiny profile's curated data (notebook 00's work)."""
-    from kalm_lib.pipeline import open_run, run_curation
+    """A run folder holding the tiny profile's curated data (notebook 00's work) with stage-2
+    negatives mined by the base model standing in for stage 1 (notebook 02 with stage 1 off)."""
+    import dataclasses
+    import shutil
+
+    from kalm_lib.layout import RunLayout
+    from kalm_lib.pipeline import open_run, run_curation, run_mining, run_pretraining
 
     profile, run = open_run("tiny", tmp_path_factory.mktemp("curated-tiny"))
     run_curation(profile, run)
+    run_pretraining(dataclasses.replace(profile, pretrain=dataclasses.replace(profile.pretrain, enabled=False)), run)
+    run_mining(profile, run)
+    shutil.rmtree(RunLayout(run).checkpoints)  # tests train their own stage 1
     return run

@@ -13,9 +13,10 @@ from kalm_lib.outputs import write_output
 
 
 def test_shipped_grids_validate():
-    grid = load_grid(GRIDS_DIR / "cpu-ablations.yaml")
+    grid = load_grid(GRIDS_DIR / "cpu-findings.yaml")
     assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
-    assert {"no_focal", "no_mixing", "no_stage1", "last_token_pooling"} <= set(grid.variants)
+    assert {"gamma_0", "gamma_1", "gamma_2", "no_mixing", "no_matryoshka", "curation_seed_2", "no_stage1",
+            "last_token_pooling"} <= set(grid.variants)
     assert "causal_attention" in load_grid(GRIDS_DIR / "gpu-ablations.yaml").variants
     for path in sorted((GRIDS_DIR).glob("*.yaml")):  # every override names a real field
         shipped = load_grid(path)

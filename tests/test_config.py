@@ -69,3 +69,12 @@ def test_missing_profile_file(tmp_path):
 def test_out_of_range_values_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_profile("tiny", {key: value})
+
+
+@pytest.mark.parametrize(
+    ("dims", "weights", "message"),
+    [([384, 256], [1.0], "one weight per dim"), ([128, 256], [1.0, 0.3], "strictly decreasing"), ([384], [0.0], "> 0")],
+)
+def test_matryoshka_settings_are_checked_when_the_profile_loads(dims, weights, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", {"finetune.matryoshka_dims": dims, "finetune.matryoshka_weights": weights})

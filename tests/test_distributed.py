@@ -169,6 +169,7 @@ def test_train_command_finetunes_one_seed(stage1_runs) -> None:
     from kalm_lib.__main__ import main
 
     run = stage1_runs[1][0]
+    assert main(["train", "--profile", "tiny", "--run-dir", str(run), "--stage", "mine"]) == 0
     code = main(["train", "--profile", "tiny", "--run-dir", str(run), "--stage", "finetune", "--seed", "1", "--set", "finetune.steps=2"])
     assert code == 0
     layout = RunLayout(run)

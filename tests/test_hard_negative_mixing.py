@@ -128,10 +128,26 @@ def test_pair_mixes_lie_between_two_hardest_negatives():
     assert (out >= 0).all() and (out <= 1 + 1e-6).all()
     interior = ((out > 1e-3).all(dim=-1)).sum()
     assert interior > 0  # some are genuine mixes of two different negatives
-    # With a single hardest negative every pair mix is that negative.
+
+
+def test_pair_mixes_never_mix_a_negative_with_itself():
+    # Three orthogonal hardest negatives: a mix of two different ones has exactly two non-zero
+    # coordinates; a negative mixed with itself (a copy) would have one.
+    batch = 200
+    hardest = torch.eye(3).repeat(batch, 1, 1)
+    q = F.normalize(torch.ones(batch, 3), dim=-1)
+    out = synthesise(q, hardest, MixingConfig(top_k=3, pairs=4, query_mixes=0), torch.Generator().manual_seed(0))
+    assert ((out.abs() > 1e-6).sum(dim=-1) == 2).all()
+
+
+def test_pair_mixes_are_skipped_with_fewer_than_two_hardest_negatives():
+    # Classification-style rows have one label negative: a pair mix would only copy it.
+    batch = 8
     n = F.normalize(torch.randn(batch, 1, 2), dim=-1)
-    same = synthesise(q, n, MixingConfig(top_k=1, pairs=3, query_mixes=0), torch.Generator().manual_seed(5))
-    torch.testing.assert_close(same, n.expand(batch, 3, 2))
+    q = F.normalize(torch.randn(batch, 2), dim=-1)
+    out = synthesise(q, n, MixingConfig(top_k=1, pairs=3, query_mixes=2), torch.Generator().manual_seed(5))
+    assert out.shape == (batch, 2, 2)  # the two query mixes only
+    assert not torch.isclose(out, n.expand(batch, 2, 2)).all(dim=-1).any()
 
 
 # ------------------------------------------------------------------------------------- in the loss

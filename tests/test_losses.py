@@ -264,3 +264,75 @@ def test_docstring_example_runs() -> None:
     from kalm_lib import losses
 
     assert doctest.testmod(losses).failed == 0
+
+
+# --- repeated positives (a headword with several definitions) ----------------------------------
+
+def test_a_repeated_positive_is_no_negative_of_its_rows():
+    # Rows 0 and 2 share the positive text (one headword, two definitions). Without keys, row 0's
+    # denominator counts row 2's copy of its own answer as a negative; with keys that column is
+    # masked for rows 0 and 2 (and only there), as if it were absent.
+    from kalm_lib.losses import TextKeys
+
+    p_angles = [0.3, 1.0, 0.3]
+    q, p, n = unit(Q_ANGLES), unit(p_angles), unit(N_ANGLES)
+    keys = TextKeys(torch.tensor([11, 22, 11]), torch.tensor([[1, 2], [3, 4], [5, 6]]))
+    loss = KalmContrastiveLoss(temperature=TAU)(q, p, n, keys=keys).item()
+
+    def row_loss(i: int) -> float:
+        others = [math.cos(Q_ANGLES[i] - a) / TAU for j, a in enumerate(p_angles) if j != i and not (i != 1 and j != 1)]
+        others += [math.cos(Q_ANGLES[i] - a) / TAU for row in N_ANGLES for a in row]
+        positive = math.cos(Q_ANGLES[i] - p_angles[i]) / TAU
+        return -positive + math.log(math.exp(positive) + sum(math.exp(o) for o in others))
+
+    assert loss == pytest.approx(sum(row_loss(i) for i in range(3)) / 3, abs=1e-6)
+    unmasked = KalmContrastiveLoss(temperature=TAU)(q, p, n).item()
+    assert abs(unmasked - loss) > 1e-2  # the copy mattered
+
+
+def test_mixing_never_picks_a_copy_of_the_positive(monkeypatch):
+    # Row 1's positive is the same text as row 0's and the most similar other candidate of q_0:
+    # with keys, q_0's hardest negative must not be it.
+    from kalm_lib.hard_negative_mixing import MixingConfig
+    from kalm_lib.losses import TextKeys
+
+    q = unit([0.0, 2.0])
+    p = unit([0.01, 0.01])
+    n = unit([[3.0], [2.5]])
+    keys = TextKeys(torch.tensor([7, 7]), torch.tensor([[1], [2]]))
+    seen = []
+    from kalm_lib import losses
+
+    real = losses.hardest_negatives
+
+    def spy(queries, candidates, allowed, top_k):
+        seen.append(allowed.clone())
+        return real(queries, candidates, allowed, top_k)
+
+    monkeypatch.setattr(losses, "hardest_negatives", spy)
+    KalmContrastiveLoss(0.05, 0.0, MixingConfig(top_k=1, pairs=0, query_mixes=1))(q, p, n, keys=keys)
+    (allowed,) = seen
+    assert not allowed[0, 1] and not allowed[1, 0]  # the other copy of the positive is out for both rows
+
+
+# --- Matryoshka ------------------------------------------------------------------------------------
+
+def test_matryoshka_is_the_weighted_sum_over_truncated_renormalised_embeddings():
+    from kalm_lib.losses import MatryoshkaLoss
+
+    g = torch.Generator().manual_seed(0)
+    q, p = F.normalize(torch.randn(4, 6, generator=g), dim=-1), F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    n = F.normalize(torch.randn(4, 2, 6, generator=g), dim=-1)
+    base = KalmContrastiveLoss(temperature=0.1, focal_gamma=0.5)
+    expected = sum(w * base(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), F.normalize(n[..., :d], dim=-1))
+                   for d, w in ((6, 1.0), (4, 0.3), (2, 0.1)))
+    loss = MatryoshkaLoss(base, [6, 4, 2], [1.0, 0.3, 0.1])(q, p, n)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(MatryoshkaLoss(base, [6], [1.0])(q, p, n), base(q, p, n))
+    stacked = torch.cat([q, p, n.reshape(-1, 6)])
+    torch.testing.assert_close(MatryoshkaLoss(base, [6, 4, 2], [1.0, 0.3, 0.1]).from_stacked(stacked, 4, 2), expected)
+    with pytest.raises(ValueError, match="exceeds the embedding size"):
+        MatryoshkaLoss(base, [8], [1.0])(q, p, n)
+    for dims, weights in (([4, 6], [1, 1]), ([6], [1, 1]), ([6], [0.0])):
+        with pytest.raises(ValueError, match="matryoshka"):
+            MatryoshkaLoss(base, dims, weights)

@@ -110,6 +110,15 @@ def test_non_finite_loss_stops_naming_the_step(curated, finetune_sets, tmp_path:
     assert not StageLayout(tmp_path).final.exists()
 
 
+def test_non_finite_gradient_norm_with_a_finite_loss_stops(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    encoder = fresh_encoder(profile)
+    encoder.backbone.layers[0].mlp.down_proj.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm .* at step 1 .*loss"):
+        train_stage(encoder, finetune_sets, profile.finetune, tmp_path, seed=0)
+    assert not StageLayout(tmp_path).final.exists()
+
+
 def test_absurd_temperature_stops_at_the_first_step(curated, finetune_sets, tmp_path: Path) -> None:
     profile, _ = curated
     cfg = dataclasses.replace(profile.finetune, temperature=1e-45)  # logits overflow to inf

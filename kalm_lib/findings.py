@@ -1,0 +1,71 @@
+"""The study's findings as a table: each comparison with its effect, 95% interval and a reading.
+
+A finding compares two models on one task (or the task average) with a paired interval:
+
+* over stage-2 seeds (grid variants against the reference; stage 2 against stage 1): the mean of
+  the per-seed differences d_s with the Student-t half-width t_{0.975, n-1} * sd(d) / sqrt(n);
+* over queries / pairs within one pair of models (:mod:`kalm_lib.bootstrap`): the percentile
+  interval of the paired bootstrap.
+
+The reading says "raises" / "lowers" only when the interval excludes 0, else "no measurable
+effect": the interval, not the point estimate, decides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .ablations import mean_ci, seed_deltas
+from .layout import STAGE1, stage2_seed
+
+FINDING_COLUMNS = ["finding", "task", "effect", "ci_low", "ci_high", "n", "interval", "reading"]
+
+
+def reading(subject: str, task: str, effect: float, low: float, high: float) -> str:
+    """One sentence: the direction and size of ``effect`` if its interval excludes 0, else none."""
+    if np.isnan(low) or np.isnan(high):
+        return f"{subject}: {effect:+.4f} on {task}, no interval (a single measurement)."
+    span = f"95% CI {low:+.4f} to {high:+.4f}"
+    if low > 0:
+        return f"{subject} raises {task} by {effect:.4f} ({span})."
+    if high < 0:
+        return f"{subject} lowers {task} by {-effect:.4f} ({span})."
+    return f"{subject}: no measurable effect on {task} ({effect:+.4f}, {span})."
+
+
+def finding_row(finding: str, task: str, effect: float, half_or_bounds: float | tuple[float, float], n: int,
+                interval: str) -> dict[str, object]:
+    """One row of the findings table from an effect and a half-width (or explicit bounds)."""
+    if isinstance(half_or_bounds, tuple):
+        low, high = half_or_bounds
+    else:
+        low, high = effect - half_or_bounds, effect + half_or_bounds
+    return {"finding": finding, "task": task, "effect": effect, "ci_low": low, "ci_high": high, "n": n,
+            "interval": interval, "reading": reading(finding, task, effect, low, high)}
+
+
+def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Every variant against the reference, per task and on the task average, paired by seed
+    (``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
+    deltas = seed_deltas(table, reference)
+    rows = [
+        finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.seeds),
+                    f"t over {int(row.seeds)} stage-2 seeds")
+        for row in deltas[deltas["variant"] != reference].itertuples()
+    ]
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS)
+
+
+def stage2_vs_stage1(scores: pd.DataFrame) -> pd.DataFrame:
+    """Single stage-2 checkpoints against the stage-1 model they started from, per task, paired
+    by seed (``scores``: main rows of a run's tidy table, columns stage, task, score)."""
+    singles = scores[scores["stage"].map(stage2_seed).notna()]
+    stage1 = scores[scores["stage"] == STAGE1].set_index("task")["score"]
+    rows = []
+    for task, group in singles.groupby("task", sort=False):
+        if task not in stage1:
+            continue
+        effect, half = mean_ci(group["score"].to_numpy() - stage1[task])
+        rows.append(finding_row("stage 2 vs stage 1", task, effect, half, len(group), f"t over {len(group)} stage-2 seeds"))
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS)
