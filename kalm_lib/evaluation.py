@@ -25,7 +25,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
 from .instructions import format_instructed
-from .mteb_tasks import find_task_metadata, task_instruction
+from .mteb_tasks import find_task_metadata, fresh_task, task_instruction
 
 if TYPE_CHECKING:
     from mteb.types import BatchedInput
@@ -50,8 +50,9 @@ class TextEncoder(Protocol):
 # --- the mteb model wrapper ---------------------------------------------
 
 
-def kalm_model_meta(model_name: str, revision: str = "local") -> ModelMeta:
-    """mteb ModelMeta for a kalm-study model; a bare run name is put under ``kalm-study/``."""
+def kalm_model_meta(model_name: str, revision: str = "local", instructed: bool = True) -> ModelMeta:
+    """mteb ModelMeta for a kalm-study model; a bare run name is put under ``kalm-study/``.
+    ``use_instructions`` records whether the model is given instructions."""
     name = model_name if "/" in model_name else f"{MODEL_ORG}/{model_name}"
     return ModelMeta(
         loader=None,
@@ -69,7 +70,7 @@ def kalm_model_meta(model_name: str, revision: str = "local") -> ModelMeta:
         public_training_data=None,
         framework=["PyTorch"],
         similarity_fn_name="cosine",
-        use_instructions=True,
+        use_instructions=instructed,
         training_datasets=None,
     )
 
@@ -81,7 +82,8 @@ class KalmMtebModel(AbsEncoder):
     documents stay bare.
     Symmetric tasks (pair classification, clustering, STS, ...) encode with no prompt type, so the
     instruction goes on every text. The instruction is ``instructions[task name]`` if given, else
-    the task's own (see :func:`kalm_lib.mteb_tasks.task_instruction`).
+    the task's own (see :func:`kalm_lib.mteb_tasks.task_instruction`). With ``instructed=False``
+    every text stays bare (a model trained without instructions, e.g. the base model).
     """
 
     def __init__(
@@ -91,10 +93,12 @@ class KalmMtebModel(AbsEncoder):
         *,
         revision: str = "local",
         instructions: Mapping[str, str] | None = None,
+        instructed: bool = True,
     ) -> None:
         self.model = encoder
-        self.mteb_model_meta = kalm_model_meta(model_name, revision)
+        self.mteb_model_meta = kalm_model_meta(model_name, revision, instructed)
         self.instructions = dict(instructions or {})
+        self.instructed = instructed
 
     def instruction_for(self, task_metadata: TaskMetadata) -> str:
         """The instruction used for ``task_metadata``'s instructed inputs."""
@@ -103,8 +107,9 @@ class KalmMtebModel(AbsEncoder):
     def format_texts(
         self, texts: Sequence[str], task_metadata: TaskMetadata, prompt_type: PromptType | None
     ) -> list[str]:
-        """Texts as the encoder sees them: documents bare, everything else instructed."""
-        if prompt_type == PromptType.document:
+        """Texts as the encoder sees them: documents (and everything when not instructed) bare,
+        everything else instructed."""
+        if not self.instructed or prompt_type == PromptType.document:
             return list(texts)
         instruction = self.instruction_for(task_metadata)
         return [format_instructed(instruction, text) for text in texts]
@@ -141,18 +146,22 @@ def evaluate_model(
     *,
     revision: str = "local",
     instructions: Mapping[str, str] | None = None,
+    instructed: bool = True,
 ) -> pd.DataFrame:
     """Evaluate ``encoder`` on ``tasks`` with ``mteb.evaluate``; results are saved under ``output_folder``.
 
+    Each call evaluates fresh copies of ``tasks`` (:func:`kalm_lib.mteb_tasks.fresh_task`), so every
+    model sees the same random draws whatever was evaluated before: comparisons are paired.
+    ``instructed=False`` encodes every text bare (see :class:`KalmMtebModel`).
     ``overwrite=False`` keeps (and returns) results already in the folder and runs only what is missing.
     Returns the tidy frame of :func:`tidy_results`.
     """
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    model = KalmMtebModel(encoder, model_name, revision=revision, instructions=instructions)
+    model = KalmMtebModel(encoder, model_name, revision=revision, instructions=instructions, instructed=instructed)
     result = mteb.evaluate(
         model,
-        list(tasks),
+        [fresh_task(task) for task in tasks],
         cache=ResultCache(Path(output_folder)),
         overwrite_strategy="always" if overwrite else "only-missing",
         encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
 import math
+import random
 import socket
 import zlib
 from collections.abc import Callable, Mapping
@@ -18,7 +19,12 @@ from typing import Any
 import mteb
 import numpy as np
 import pytest
-from mteb import TaskResult
+from datasets import Dataset, DatasetDict
+from mteb import AbsTask, TaskResult
+from mteb.mocks.mock_tasks.clustering import LegacyMockClusteringFastTask
+from mteb.mocks.mock_tasks.pair_classification import MockPairClassificationTask
+from mteb.mocks.mock_tasks.reranking import MockAggregatedTask
+from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
 
 from kalm_lib.evaluation import (
     TIDY_COLUMNS,
@@ -31,7 +37,14 @@ from kalm_lib.evaluation import (
     tidy_results,
 )
 from kalm_lib.instructions import format_instructed
-from kalm_lib.mteb_tasks import LOCAL_TASKS, build_local_tasks, payload_revision, standard_tasks, task_instruction
+from kalm_lib.mteb_tasks import (
+    LOCAL_TASKS,
+    build_local_tasks,
+    fresh_task,
+    payload_revision,
+    standard_tasks,
+    task_instruction,
+)
 
 RETRIEVAL = "KalmDefinitionRetrieval"
 PAIRS = "KalmSynonymAntonymPairClassification"
@@ -437,3 +450,84 @@ def test_binary_quantisation(texts: list[str]) -> None:
     assert np.array_equal(binary > 0, full >= 0)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         QuantizedEncoder(base, "int4")  # type: ignore[arg-type]
+
+
+# --- paired evaluation: every model sees the same random draws ---------------------------------
+
+
+def differing_scores(frame: Any, reference: Any) -> dict[tuple[str, str], tuple[float, float]]:
+    """(task, metric) -> (score, reference score) wherever two tidy frames disagree (NaN equals NaN)."""
+    merged = frame.merge(reference, on=["task", "metric"], how="outer", suffixes=("", "_ref"))
+    same = (merged["score"] == merged["score_ref"]) | (merged["score"].isna() & merged["score_ref"].isna())
+    return {(r.task, r.metric): (r.score, r.score_ref) for r in merged[~same].itertuples()}
+
+
+class SubsampledMockClustering(LegacyMockClusteringFastTask):
+    """mteb's in-memory fast-clustering mock on words whose clusters hashed trigrams get partly
+    wrong, so its random draws (a subsample to embed, then bootstrap sets) change the scores."""
+
+    max_document_to_embed = 10
+    max_documents_per_cluster = 8
+    n_clusters = 5
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        payload = clustering_payload()
+        columns = {"sentences": payload["sentences"], "labels": payload["labels"]}
+        self.dataset = DatasetDict({"test": Dataset.from_dict(columns)})
+        self.data_loaded = True
+
+
+def standard_mock_tasks() -> list[AbsTask]:
+    """Task classes built like mteb's own (mteb's mocks: in memory, no hub): clustering that
+    subsamples and bootstraps with the task's random state, retrieval with two splits, pairs, and an
+    aggregate of retrieval and reranking."""
+    return [SubsampledMockClustering(), MockRetrievalTask(), MockPairClassificationTask(), MockAggregatedTask()]
+
+
+@pytest.mark.parametrize("kind", ["local", "standard"])
+def test_identical_weights_score_identically_whatever_ran_before(kind: str, eval_dir: Path, tmp_path: Path) -> None:
+    """The same task objects serve every model (as in run_evaluation): random draws (clustering's
+    bootstrap) must not depend on which models were evaluated before, nor on how often."""
+    tasks = build_local_tasks(eval_dir) if kind == "local" else standard_mock_tasks()
+    first = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "a", "same")
+    again = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "b", "same")
+    evaluate_model(HashedTrigramEncoder(dim=32), tasks, tmp_path / "c", "other")
+    after_other = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "d", "same")
+    assert set(first["task"]) == {task.metadata.name for task in tasks}
+    assert differing_scores(again, first) == {}
+    assert differing_scores(after_other, first) == {}
+
+
+def test_uninstructed_model_sees_only_bare_texts(eval_dir: Path, tmp_path: Path) -> None:
+    recorder = RecordingEncoder()
+    evaluate_model(recorder, build_local_tasks(eval_dir), tmp_path / "bare", "bare", instructed=False)
+    bare = set(DEFINITIONS) | set(WORDS) | set(PAIR_LEFT + PAIR_RIGHT) | set(clustering_payload()["sentences"])
+    assert recorder.seen == bare
+    assert not any("Instruct:" in text for text in recorder.seen)
+    assert KalmMtebModel(recorder, "bare", instructed=False).mteb_model_meta.use_instructions is False
+
+
+def assert_newly_seeded(task: AbsTask) -> None:
+    """``task`` draws what ``AbsTask.__init__`` gives a new task (mteb's ``_set_seed`` generators)."""
+    assert task.rng_state.getstate() == random.Random(task.seed).getstate()
+    assert task.np_rng.bit_generator.state == np.random.default_rng(task.seed).bit_generator.state
+
+
+@pytest.mark.parametrize("name", ["TwentyNewsgroupsClustering.v2", "CQADupstackRetrieval"])
+def test_fresh_task_draws_like_a_newly_constructed_registry_task(name: str) -> None:
+    """A registry task (an aggregate too) whose generators were advanced: its fresh copy draws what a
+    newly constructed task draws, and the original keeps its own state (nothing is shared)."""
+    assert_newly_seeded(mteb.get_task(name))
+    used = mteb.get_task(name)
+    used_parts = [used, *getattr(used.metadata, "tasks", [])]
+    for task in used_parts:
+        task.rng_state.random()
+        task.np_rng.random()
+    advanced = [task.rng_state.getstate() for task in used_parts]
+    copied = fresh_task(used)
+    copied_parts = [copied, *getattr(copied.metadata, "tasks", [])]
+    assert len(copied_parts) == len(used_parts)
+    for task in copied_parts:
+        assert_newly_seeded(task)
+    assert [task.rng_state.getstate() for task in used_parts] == advanced
+    assert not {id(task) for task in copied_parts} & {id(task) for task in used_parts}
