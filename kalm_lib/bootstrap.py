@@ -99,7 +99,7 @@ def paired_bootstrap(
         deltas[r] = statistic(b[index]) - statistic(a[index])
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(deltas, [tail, 100 - tail])
-    return statistic(b) - statistic(a), float(low), float(high)
+    return float(statistic(b) - statistic(a)), float(low), float(high)
 
 
 # --- comparisons read from run folders ---------------------------------------------------------
@@ -117,7 +117,8 @@ def read_per_item(run_dir: Path) -> pd.DataFrame:
 
 
 def _values(group: pd.DataFrame) -> tuple[str, Statistic, np.ndarray]:
-    """The statistic of a (task, split, subset) group and its per-item values (sorted by item)."""
+    """The statistic of one model's (task, split, subset) rows and their values, in row order:
+    cosine AP of [cosine, label] rows for pairs, mean nDCG@10 of the queries for retrieval."""
     if group["label"].notna().all():
         return "cosine_ap", cosine_average_precision, group[["cosine", "label"]].to_numpy(dtype=float)
     return "mean_ndcg_at_10", mean_ndcg_at_10, group["ndcg_at_10"].to_numpy(dtype=float)
@@ -154,6 +155,14 @@ def _model(items: pd.DataFrame, model: str, run: str) -> pd.DataFrame:
     return rows
 
 
+def _default_pairs(items_a: pd.DataFrame, items_b: pd.DataFrame, one_run: bool) -> list[tuple[str, str]]:
+    """Every two models of one run (in evaluation order), or every label two runs share against itself."""
+    models_a = list(dict.fromkeys(items_a["model"]))
+    if one_run:
+        return list(itertools.combinations(models_a, 2))
+    return [(model, model) for model in models_a if model in set(items_b["model"])]
+
+
 def paired_comparisons(
     run_a: Path,
     run_b: Path | None = None,
@@ -174,12 +183,8 @@ def paired_comparisons(
     run_a = Path(run_a)
     run_b = run_a if run_b is None else Path(run_b)
     items_a, items_b = read_per_item(run_a), read_per_item(run_b)
-    models_a, models_b = list(dict.fromkeys(items_a["model"])), list(dict.fromkeys(items_b["model"]))
-    if pairs is None:
-        same = [m for m in models_a if m in models_b]
-        pairs = list(itertools.combinations(models_a, 2)) if run_b == run_a else list(zip(same, same, strict=True))
     rows = []
-    for model_a, model_b in pairs:
+    for model_a, model_b in _default_pairs(items_a, items_b, run_b == run_a) if pairs is None else pairs:
         groups_b = dict(list(_model(items_b, model_b, run_b.name).groupby(GROUP)))
         for key, group_a in _model(items_a, model_a, run_a.name).groupby(GROUP):
             where = f"{key[0]} {key[1]}/{key[2]}: {run_a.name}:{model_a} vs {run_b.name}:{model_b}"

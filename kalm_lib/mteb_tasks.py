@@ -4,6 +4,9 @@ The local tasks are real mteb 2.x task classes. Each instance is bound to an eva
 written by the curation step and reads its JSON file there (never the hub). On binding/loading,
 the instance's metadata gets the file's instruction as ``prompt`` and a hash of its content as the
 dataset revision, so result files record exactly which curated data they were computed on.
+
+A task carries its own random state (clustering's subsample and bootstrap draws), so every model is
+evaluated on a :func:`fresh_task` copy: all models see the same draws.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Local mteb tasks and the mteb evaluation path, run offline on tiny hand-made task files."""
+"""Local mteb tasks and the mteb evaluation path, run offline on tiny hand-made task files: paired
+draws, instructed and bare inputs, per-item scores, and notebook 05 / the soup's validation score."""
 
 from __future__ import annotations
 
