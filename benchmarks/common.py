@@ -33,7 +33,7 @@ from kalm_lib.config import ModelConfig, TrainConfig
 from kalm_lib.data_cards import DataCard, load_cards
 from kalm_lib.encoder import Encoder, load_encoder
 from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RESULTS_DIR
-from kalm_lib.manifest import git_state
+from kalm_lib.manifest import cpu_model, git_state
 from kalm_lib.sources import load_source
 from kalm_lib.training import step_chunks
 
@@ -94,15 +94,6 @@ def sync() -> None:
     """Wait for queued CUDA work, so a clock reading covers it (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, Any]:

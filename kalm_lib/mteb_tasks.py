@@ -4,12 +4,17 @@ The local tasks are real mteb 2.x task classes. Each instance is bound to an eva
 written by the curation step and reads its JSON file there (never the hub). On binding/loading,
 the instance's metadata gets the file's instruction as ``prompt`` and a hash of its content as the
 dataset revision, so result files record exactly which curated data they were computed on.
+
+A task carries its own random state (clustering's subsample and bootstrap draws), so every model is
+evaluated on a :func:`fresh_task` copy: all models see the same draws.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import random
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,10 +22,12 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import mteb
+import numpy as np
 from datasets import Dataset, DatasetDict
 from mteb import AbsTask, TaskMetadata
 from mteb.abstasks import AbsTaskClustering, AbsTaskPairClassification, AbsTaskRetrieval
 from mteb.abstasks.abstask import get_abstask_prompt
+from mteb.abstasks.aggregated_task import AbsTaskAggregate
 from mteb.timing import TimingStack
 
 GCIDE_REFERENCE = "https://gcide.gnu.org.ua/"
@@ -331,6 +338,40 @@ def standard_tasks(names_or_benchmark: Sequence[str] | str) -> list[AbsTask]:
     if isinstance(names_or_benchmark, str):
         return list(mteb.get_benchmark(names_or_benchmark).tasks)
     return list(mteb.get_tasks(tasks=list(names_or_benchmark)))
+
+
+# --- one fresh copy of every task per model (paired evaluation) --------------------------------
+
+
+def reseed(task: AbsTask) -> None:
+    """Give ``task`` (and an aggregate's sub-tasks) the random state it had when constructed.
+
+    mteb 2.x keeps a task's randomness on the instance: ``AbsTask.__init__`` sets
+    ``rng_state = random.Random(seed)`` and ``np_rng = np.random.default_rng(seed)`` (the generators
+    ``mteb._set_seed._set_seed`` returns). Clustering draws from ``rng_state`` (the subsample it embeds
+    and every bootstrap set), so each evaluation advances it. This sets both generators anew,
+    without ``_set_seed``'s seeding of the global ``random`` / numpy / torch states.
+    """
+    task.rng_state, task.np_rng = random.Random(task.seed), np.random.default_rng(task.seed)
+    if isinstance(task, AbsTaskAggregate):
+        for subtask in task.metadata.tasks:
+            reseed(subtask)
+
+
+def fresh_task(task: AbsTask) -> AbsTask:
+    """An independent copy of ``task`` whose random draws are those of a newly constructed task.
+
+    Evaluating every model on fresh copies pairs the comparison: identical weights draw identical
+    samples and score identically, whatever was evaluated before with ``task``. The copy is deep, so
+    nothing one evaluation changes on it (random state, loaded data) reaches the original. An
+    aggregate's sub-tasks (the ones mteb evaluates, ``metadata.tasks``) live in class-level metadata
+    that every instance shares; the copy gets metadata of its own listing its copied sub-tasks.
+    """
+    copied = copy.deepcopy(task)
+    if isinstance(copied, AbsTaskAggregate):
+        copied.metadata = copied.metadata.model_copy(update={"tasks": copied.tasks})
+    reseed(copied)
+    return copied
 
 
 # --- task information used by the model wrapper and the result tables -------------------------

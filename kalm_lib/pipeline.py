@@ -24,7 +24,7 @@ from .bidirectional import first_token_sensitivity
 from .config import ConfigError, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, write_curated
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
-from .evaluation import QuantizedEncoder, TruncatedEncoder, evaluate_model
+from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
 from .layout import REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
@@ -167,11 +167,12 @@ def run_finetuning(profile: Profile, run_dir: Path) -> list[StageResult]:
 # --- 04 soup -----------------------------------------------------------------------------------
 
 def validation_score(encoder: Encoder, profile: Profile, run_dir: Path, name: str) -> float:
-    """Main score of the soup-selection task on the validation split (never the test split)."""
+    """Main score of the soup-selection task on the validation split (never the test split); every
+    candidate is scored on a fresh copy of the task (the same random draws), so the soup is paired."""
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("validation"), [profile.soup.selection_task])
-    frame = evaluate_model(encoder, tasks, layout.mteb_validation, name, profile.evaluation.batch_size)
-    return float(frame.loc[frame["is_main"], "score"].iloc[0])
+    scores = evaluate_model(encoder, tasks, layout.mteb_validation, name, profile.evaluation.batch_size).scores
+    return float(scores.loc[scores["is_main"], "score"].iloc[0])
 
 
 def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
@@ -224,24 +225,36 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings."""
+    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings.
+
+    Every model is evaluated on fresh copies of the tasks, so all see the same random draws (paired).
+    The base model is scored twice: with the KaLM instructions (``base``, as every trained stage) and
+    without (``base_no_instruction``, the inputs it was trained on). Per-query and per-pair values of
+    every model go to ``RunLayout.per_item_scores`` (``model`` = the stage label) for
+    :mod:`kalm_lib.bootstrap`.
+    """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
     if profile.evaluation.standard_tasks or profile.evaluation.benchmark:
         tasks += standard_tasks(profile.evaluation.benchmark or profile.evaluation.standard_tasks)
-    frames = []
+    frames, items = [], []
     models = evaluated_models(profile, run_dir)
     for label, path in models.items():
         if path is None:
             torch.manual_seed(profile.seed)  # the same base weights stage 1 started from
         encoder = load_encoder(profile.model) if path is None else encoder_from_checkpoint(path, profile.model)
-        variants = {label: encoder}
+        variants = {label: (encoder, True)}
+        if path is None:
+            variants[f"{label}_no_instruction"] = (encoder, False)
         if label == list(models)[-1]:
-            variants.update({f"{label}@dim{d}": TruncatedEncoder(encoder, d) for d in profile.evaluation.matryoshka_dims})
-            variants.update({f"{label}@{q}": QuantizedEncoder(encoder, q) for q in profile.evaluation.quantizations})
-        for name, model in variants.items():
-            frame = evaluate_model(model, tasks, layout.mteb, f"{profile.name}-{name}", profile.evaluation.batch_size)
-            frames.append(frame.assign(stage=name))
+            variants.update({f"{label}@dim{d}": (TruncatedEncoder(encoder, d), True) for d in profile.evaluation.matryoshka_dims})
+            variants.update({f"{label}@{q}": (QuantizedEncoder(encoder, q), True) for q in profile.evaluation.quantizations})
+        for name, (model, instructed) in variants.items():
+            result = evaluate_model(model, tasks, layout.mteb, f"{profile.name}-{name}", profile.evaluation.batch_size,
+                                    instructed=instructed, per_item=True)
+            frames.append(result.scores.assign(stage=name))
+            items.append(result.per_item.assign(model=name))
     scores = pd.concat(frames, ignore_index=True)
     write_output(scores, layout.mteb_scores)
+    write_output(concat_per_item(items), layout.per_item_scores)
     return scores

@@ -1,8 +1,19 @@
-"""Run manifests name the code: commit and whether tracked files had changes."""
+"""Run manifests name the code (commit, uncommitted changes) and the machine (CPU model)."""
 
+import inspect
+import platform
 import subprocess
 
-from kalm_lib.manifest import git_state
+from kalm_lib.manifest import cpu_model, git_state, machine_info
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz
+flags\t\t: fpu vme
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz
+"""
 
 
 def _git(repo, *args):
@@ -30,3 +41,33 @@ def test_git_state_flags_tracked_changes_outside_excluded_paths(tmp_path):
 
 def test_git_state_outside_a_repository(tmp_path):
     assert git_state(tmp_path) == {"commit": "unknown", "dirty": False}
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO)
+    assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) CPU @ 2.20GHz"
+
+
+def test_cpu_model_falls_back_to_platform(tmp_path, monkeypatch):
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_model(tmp_path / "missing") == "arm"
+    no_model_name = tmp_path / "cpuinfo"  # e.g. some ARM kernels
+    no_model_name.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert cpu_model(no_model_name) == "arm"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert cpu_model(tmp_path / "missing") == "aarch64"
+
+
+def test_machine_info_records_the_cpu_model():
+    info = machine_info()
+    assert info["cpu_model"] == cpu_model()
+    assert isinstance(info["cpu_model"], str) and info["cpu_model"]
+
+
+def test_benchmarks_read_the_cpu_model_through_the_manifest():
+    from benchmarks import common
+
+    assert "cpuinfo" not in inspect.getsource(common)  # one reader, in kalm_lib.manifest
+    assert common.machine_info()["processor"] == cpu_model()

@@ -1,4 +1,5 @@
-"""Local mteb tasks and the mteb evaluation path, run offline on tiny hand-made task files."""
+"""Local mteb tasks and the mteb evaluation path, run offline on tiny hand-made task files: paired
+draws, instructed and bare inputs, per-item scores, and notebook 05 / the soup's validation score."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
 import math
+import random
+import shutil
 import socket
 import zlib
 from collections.abc import Callable, Mapping
@@ -17,10 +20,21 @@ from typing import Any
 
 import mteb
 import numpy as np
+import pandas as pd
 import pytest
-from mteb import TaskResult
+import torch
+from datasets import Dataset, DatasetDict
+from mteb import AbsTask, TaskResult
+from mteb.mocks.mock_tasks.clustering import LegacyMockClusteringFastTask
+from mteb.mocks.mock_tasks.pair_classification import MockPairClassificationTask
+from mteb.mocks.mock_tasks.reranking import MockAggregatedTask
+from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
 
+from kalm_lib.bootstrap import cosine_average_precision, paired_comparisons, read_per_item
+from kalm_lib.config import Profile, load_profile
+from kalm_lib.encoder import encoder_from_checkpoint, load_encoder
 from kalm_lib.evaluation import (
+    PER_ITEM_COLUMNS,
     TIDY_COLUMNS,
     KalmMtebModel,
     QuantizedEncoder,
@@ -31,7 +45,16 @@ from kalm_lib.evaluation import (
     tidy_results,
 )
 from kalm_lib.instructions import format_instructed
-from kalm_lib.mteb_tasks import LOCAL_TASKS, build_local_tasks, payload_revision, standard_tasks, task_instruction
+from kalm_lib.layout import RunLayout
+from kalm_lib.mteb_tasks import (
+    LOCAL_TASKS,
+    build_local_tasks,
+    fresh_task,
+    payload_revision,
+    standard_tasks,
+    task_instruction,
+)
+from kalm_lib.pipeline import run_evaluation, validation_score
 
 RETRIEVAL = "KalmDefinitionRetrieval"
 PAIRS = "KalmSynonymAntonymPairClassification"
@@ -292,7 +315,7 @@ def test_standard_tasks_resolve_from_the_mteb_registry() -> None:
 
 def test_evaluate_model_saves_mteb_results_and_returns_tidy_frame(eval_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "mteb"
-    frame = evaluate_model(HashedTrigramEncoder(), build_local_tasks(eval_dir), out, "hashed", batch_size=4)
+    frame = evaluate_model(HashedTrigramEncoder(), build_local_tasks(eval_dir), out, "hashed", batch_size=4).scores
 
     run_folder = out / "results" / "kalm-study__hashed" / "local"
     meta = json.loads((run_folder / "model_meta.json").read_text())
@@ -327,7 +350,7 @@ def test_hand_checkable_scores_and_task_reuse(eval_dir: Path, tmp_path: Path) ->
 
     # query i points mostly at doc i+1 and partly at its own doc i: the positive is always ranked 2nd
     second = LookupEncoder(perfect_table(lambda i: 0.6 * unit(i) + 0.8 * unit(i + 1)))
-    frame = evaluate_model(second, tasks[:1], out, "second-best")
+    frame = evaluate_model(second, tasks[:1], out, "second-best").scores
     assert score(frame, RETRIEVAL, "ndcg_at_10") == pytest.approx(1 / math.log2(3), abs=1e-5)
     assert score(frame, RETRIEVAL, "mrr_at_10") == pytest.approx(0.5, abs=1e-6)
     assert score(frame, RETRIEVAL, "recall_at_1") == 0.0
@@ -335,7 +358,7 @@ def test_hand_checkable_scores_and_task_reuse(eval_dir: Path, tmp_path: Path) ->
 
     # the same task objects evaluated again (mteb unloads data in between) with a perfect encoder
     perfect = LookupEncoder(perfect_table(unit))
-    frame = evaluate_model(perfect, tasks, out, "perfect")
+    frame = evaluate_model(perfect, tasks, out, "perfect").scores
     assert main_scores(frame) == {RETRIEVAL: 1.0, PAIRS: 1.0, CLUSTERING: 1.0}
     assert tasks[0].metadata.prompt == RETRIEVAL_INSTRUCTION
 
@@ -347,9 +370,9 @@ def test_hand_checkable_scores_and_task_reuse(eval_dir: Path, tmp_path: Path) ->
 def test_overwrite_false_reuses_saved_results(eval_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "mteb"
     tasks = build_local_tasks(eval_dir, [PAIRS])
-    first = evaluate_model(HashedTrigramEncoder(), tasks, out, "resume")
+    first = evaluate_model(HashedTrigramEncoder(), tasks, out, "resume").scores
     recorder = RecordingEncoder()
-    again = evaluate_model(recorder, tasks, out, "resume", overwrite=False)
+    again = evaluate_model(recorder, tasks, out, "resume", overwrite=False).scores
     assert recorder.seen == set()
     assert main_scores(again) == pytest.approx(main_scores(first), abs=1e-6)
 
@@ -437,3 +460,209 @@ def test_binary_quantisation(texts: list[str]) -> None:
     assert np.array_equal(binary > 0, full >= 0)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         QuantizedEncoder(base, "int4")  # type: ignore[arg-type]
+
+
+# --- paired evaluation: every model sees the same random draws ---------------------------------
+
+
+def differing_scores(frame: Any, reference: Any) -> dict[tuple[str, str], tuple[float, float]]:
+    """(task, metric) -> (score, reference score) wherever two tidy frames disagree (NaN equals NaN)."""
+    merged = frame.merge(reference, on=["task", "metric"], how="outer", suffixes=("", "_ref"))
+    same = (merged["score"] == merged["score_ref"]) | (merged["score"].isna() & merged["score_ref"].isna())
+    return {(r.task, r.metric): (r.score, r.score_ref) for r in merged[~same].itertuples()}
+
+
+class SubsampledMockClustering(LegacyMockClusteringFastTask):
+    """mteb's in-memory fast-clustering mock on words whose clusters hashed trigrams get partly
+    wrong, so its random draws (a subsample to embed, then bootstrap sets) change the scores."""
+
+    max_document_to_embed = 10
+    max_documents_per_cluster = 8
+    n_clusters = 5
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        payload = clustering_payload()
+        columns = {"sentences": payload["sentences"], "labels": payload["labels"]}
+        self.dataset = DatasetDict({"test": Dataset.from_dict(columns)})
+        self.data_loaded = True
+
+
+def standard_mock_tasks() -> list[AbsTask]:
+    """Task classes built like mteb's own (mteb's mocks: in memory, no hub): clustering that
+    subsamples and bootstraps with the task's random state, retrieval with two splits, pairs, and an
+    aggregate of retrieval and reranking."""
+    return [SubsampledMockClustering(), MockRetrievalTask(), MockPairClassificationTask(), MockAggregatedTask()]
+
+
+@pytest.mark.parametrize("kind", ["local", "standard"])
+def test_identical_weights_score_identically_whatever_ran_before(kind: str, eval_dir: Path, tmp_path: Path) -> None:
+    """The same task objects serve every model (as in run_evaluation): random draws (clustering's
+    bootstrap) must not depend on which models were evaluated before, nor on how often."""
+    tasks = build_local_tasks(eval_dir) if kind == "local" else standard_mock_tasks()
+    first = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "a", "same").scores
+    again = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "b", "same").scores
+    evaluate_model(HashedTrigramEncoder(dim=32), tasks, tmp_path / "c", "other")
+    after_other = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "d", "same").scores
+    assert set(first["task"]) == {task.metadata.name for task in tasks}
+    assert differing_scores(again, first) == {}
+    assert differing_scores(after_other, first) == {}
+
+
+def test_uninstructed_model_sees_only_bare_texts(eval_dir: Path, tmp_path: Path) -> None:
+    recorder = RecordingEncoder()
+    evaluate_model(recorder, build_local_tasks(eval_dir), tmp_path / "bare", "bare", instructed=False)
+    bare = set(DEFINITIONS) | set(WORDS) | set(PAIR_LEFT + PAIR_RIGHT) | set(clustering_payload()["sentences"])
+    assert recorder.seen == bare
+    assert not any("Instruct:" in text for text in recorder.seen)
+    assert KalmMtebModel(recorder, "bare", instructed=False).mteb_model_meta.use_instructions is False
+
+
+def assert_newly_seeded(task: AbsTask) -> None:
+    """``task`` draws what ``AbsTask.__init__`` gives a new task (mteb's ``_set_seed`` generators)."""
+    assert task.rng_state.getstate() == random.Random(task.seed).getstate()
+    assert task.np_rng.bit_generator.state == np.random.default_rng(task.seed).bit_generator.state
+
+
+@pytest.mark.parametrize("name", ["TwentyNewsgroupsClustering.v2", "CQADupstackRetrieval"])
+def test_fresh_task_draws_like_a_newly_constructed_registry_task(name: str) -> None:
+    """A registry task (an aggregate too) whose generators were advanced: its fresh copy draws what a
+    newly constructed task draws, and the original keeps its own state (nothing is shared)."""
+    assert_newly_seeded(mteb.get_task(name))
+    used = mteb.get_task(name)
+    used_parts = [used, *getattr(used.metadata, "tasks", [])]
+    for task in used_parts:
+        task.rng_state.random()
+        task.np_rng.random()
+    advanced = [task.rng_state.getstate() for task in used_parts]
+    copied = fresh_task(used)
+    copied_parts = [copied, *getattr(copied.metadata, "tasks", [])]
+    assert len(copied_parts) == len(used_parts)
+    for task in copied_parts:
+        assert_newly_seeded(task)
+    assert [task.rng_state.getstate() for task in used_parts] == advanced
+    assert not {id(task) for task in copied_parts} & {id(task) for task in used_parts}
+
+
+# --- per-item scores (paired bootstrap input) -------------------------------------------------------
+
+
+def main_rows(frame: Any, task: str, metric: str) -> dict[str, float]:
+    """split -> score of ``metric`` for ``task`` (subset default)."""
+    rows = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+    return dict(zip(rows["split"], rows["score"], strict=True))
+
+
+def test_per_item_ndcg_averages_to_mteb_ndcg_at_10(eval_dir: Path, tmp_path: Path) -> None:
+    """Per-query nDCG@10 (mteb's own scorer on mteb's saved ranking) averages to mteb's ndcg_at_10,
+    which mteb rounds to 5 decimals; on the local task and on an mteb task with two splits."""
+    tasks = [*build_local_tasks(eval_dir), MockRetrievalTask()]
+    result = evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "m", "hashed", per_item=True)
+    items = result.per_item
+    assert list(items.columns) == PER_ITEM_COLUMNS
+    assert set(items["task"]) == {RETRIEVAL, PAIRS, "MockRetrievalTask"}  # clustering has no items
+    assert set(items["model"]) == {"kalm-study/hashed"}
+    retrieval = items[items["ndcg_at_10"].notna()]
+    assert sorted(retrieval.loc[retrieval["task"] == RETRIEVAL, "item"]) == [f"q{i}" for i in range(len(DEFINITIONS))]
+    checked = 0
+    for (task, split), group in retrieval.groupby(["task", "split"]):
+        mteb_ndcg = main_rows(result.scores, task, "ndcg_at_10")[split]
+        assert group["ndcg_at_10"].mean() == pytest.approx(mteb_ndcg, abs=5e-6)
+        assert round(group["ndcg_at_10"].mean(), 5) == mteb_ndcg
+        checked += 1
+    assert checked == 3  # local test split, mock val and test splits
+
+
+def test_per_item_ndcg_follows_mteb_tie_breaking(eval_dir: Path, tmp_path: Path) -> None:
+    """Query i is exactly as close to doc i (relevant) as to doc i+1: pytrec_eval (mteb's scorer)
+    breaks the tie by doc id, descending, so d{i+1} comes first and each query scores 1 / log2(3)."""
+    tied = LookupEncoder(perfect_table(lambda i: unit(i) + unit(i + 1)))
+    result = evaluate_model(tied, build_local_tasks(eval_dir, [RETRIEVAL]), tmp_path / "t", "tied", per_item=True)
+    per_query = result.per_item["ndcg_at_10"].to_numpy()
+    np.testing.assert_allclose(per_query, 1 / math.log2(3), rtol=1e-12)
+    assert score(result.scores, RETRIEVAL, "ndcg_at_10") == pytest.approx(per_query.mean(), abs=5e-6)
+
+
+def test_per_item_pairs_give_mteb_cosine_average_precision(eval_dir: Path, tmp_path: Path) -> None:
+    """Per pair: the cosine mteb computed and the label. Their AP is mteb's cosine_ap; on unit vectors
+    dot, model similarity (cosine) and euclidean rank alike, so their APs agree; mteb's max_ap also
+    takes manhattan, which ranks differently, so max_ap = max(cosine_ap, manhattan_ap)."""
+    encoder = HashedTrigramEncoder()
+    tasks = [*build_local_tasks(eval_dir, [PAIRS]), MockPairClassificationTask()]
+    result = evaluate_model(encoder, tasks, tmp_path / "p", "hashed", per_item=True)
+    local = result.per_item[result.per_item["task"] == PAIRS]
+    assert local["item"].tolist() == [str(i) for i in range(len(PAIR_LEFT))]
+    assert local["label"].tolist() == PAIR_LABELS
+    left = encoder.encode([format_instructed(PAIR_INSTRUCTION, w) for w in PAIR_LEFT], batch_size=8)
+    right = encoder.encode([format_instructed(PAIR_INSTRUCTION, w) for w in PAIR_RIGHT], batch_size=8)
+    np.testing.assert_allclose(local["cosine"].to_numpy(), np.sum(left * right, axis=1), atol=1e-6)
+    for task, group in result.per_item.groupby("task"):
+        ap = cosine_average_precision(group[["cosine", "label"]].to_numpy(dtype=float))
+        metrics = {metric: score(result.scores, task, metric) for metric in
+                   ("cosine_ap", "dot_ap", "similarity_ap", "euclidean_ap", "manhattan_ap", "max_ap")}
+        assert ap == pytest.approx(metrics["cosine_ap"], abs=1e-12)
+        assert metrics["dot_ap"] == metrics["similarity_ap"] == metrics["euclidean_ap"] == pytest.approx(ap, abs=1e-12)
+        assert metrics["max_ap"] == max(metrics["cosine_ap"], metrics["manhattan_ap"])
+
+
+def test_per_item_needs_a_fresh_evaluation(eval_dir: Path, tmp_path: Path) -> None:
+    tasks = build_local_tasks(eval_dir, [PAIRS])
+    assert evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "x", "plain").per_item.empty
+    with pytest.raises(ValueError, match="per-item scores need overwrite=True"):
+        evaluate_model(HashedTrigramEncoder(), tasks, tmp_path / "x", "plain", overwrite=False, per_item=True)
+
+
+# --- notebook 05 and the soup's validation score: paired, base also without instructions ----------
+
+
+@pytest.fixture
+def hand_built_run(eval_dir: Path, tmp_path: Path) -> tuple[Profile, Path]:
+    """A tiny-profile run folder made by hand: the test payloads as test and validation split, a
+    stage-1 checkpoint and three bit-identical later checkpoints (two seeds and a soup)."""
+    profile = load_profile("tiny", {"evaluation.matryoshka_dims": [], "evaluation.quantizations": [],
+                                    "soup.methods": ["uniform"], "soup.selection_task": CLUSTERING})
+    layout = RunLayout(tmp_path / "run")
+    for split in ("test", "validation"):
+        shutil.copytree(eval_dir, layout.eval_payloads(split))
+    torch.manual_seed(0)
+    load_encoder(profile.model).save(layout.stage1.final)
+    torch.manual_seed(1)
+    tuned = load_encoder(profile.model)
+    for folder in (layout.stage2(0).final, layout.stage2(1).final, layout.soup("uniform")):
+        tuned.save(folder)
+    return profile, layout.root
+
+
+TWINS = ["stage2_seed0", "stage2_seed1", "soup_uniform"]
+
+
+def test_run_evaluation_scores_identical_weights_identically(hand_built_run: tuple[Profile, Path]) -> None:
+    profile, run = hand_built_run
+    scores = run_evaluation(profile, run)
+    by_stage = dict(list(scores.groupby("stage", sort=False)))
+    assert set(by_stage[TWINS[0]]["task"]) == set(FILES)
+    for twin in TWINS[1:]:
+        assert differing_scores(by_stage[twin], by_stage[TWINS[0]]) == {}, twin
+    assert list(by_stage) == ["base", "base_no_instruction", "stage1", *TWINS]
+    assert differing_scores(by_stage["base_no_instruction"], by_stage["base"])  # the prefix changes the texts
+
+    items = read_per_item(run)
+    assert list(dict.fromkeys(items["model"])) == list(by_stage)
+    twins = [items[items["model"] == twin].drop(columns="model").reset_index(drop=True) for twin in TWINS]
+    for twin in twins[1:]:
+        pd.testing.assert_frame_equal(twin, twins[0])
+    table = paired_comparisons(run, pairs=[(TWINS[0], TWINS[2]), ("base", "base_no_instruction")], n_resamples=50)
+    assert set(table["task"]) == {RETRIEVAL, PAIRS}
+    soup_vs_seed = table[table["model_b"] == TWINS[2]]
+    assert (soup_vs_seed[["delta", "ci_low", "ci_high"]] == 0.0).all().all()
+    assert (table["n_items"] == table["task"].map({RETRIEVAL: len(DEFINITIONS), PAIRS: len(PAIR_LEFT)})).all()
+
+
+def test_validation_score_is_paired(hand_built_run: tuple[Profile, Path]) -> None:
+    """The soup's selection score (here the clustering task) does not depend on what was scored before."""
+    profile, run = hand_built_run
+    layout = RunLayout(run)
+    tuned = encoder_from_checkpoint(layout.stage2(0).final, profile.model)
+    other = encoder_from_checkpoint(layout.stage1.final, profile.model)
+    first = validation_score(tuned, profile, run, "candidate")
+    validation_score(other, profile, run, "candidate")
+    assert validation_score(tuned, profile, run, "candidate") == first
