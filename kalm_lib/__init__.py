@@ -34,6 +34,8 @@ Training
 Evaluation
     mteb_tasks      local held-out tasks as real mteb task classes; standard mteb tasks
     evaluation      mteb model wrapper, mteb.evaluate, tidy results, compressed embeddings
+    bootstrap       paired bootstrap over queries / pairs; model comparisons from run folders
+    findings        each comparison's effect, 95% interval and one-sentence reading
     reference       published MTEB scores (reference card) beside a run
     ablations       grid of variants, paired deltas with confidence intervals, soup vs best single
     report          tables and figures the report notebook shows, read from a run folder

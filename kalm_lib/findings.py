@@ -13,11 +13,14 @@ effect": the interval, not the point estimate, decides.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from .ablations import mean_ci, seed_deltas
-from .layout import STAGE1, stage2_seed
+from .bootstrap import paired_comparisons, read_per_item
+from .layout import BASE, BASE_NO_INSTRUCTION, STAGE1, RunLayout, soup_label, stage2_seed
 
 FINDING_COLUMNS = ["finding", "task", "effect", "ci_low", "ci_high", "n", "interval", "reading"]
 
@@ -69,3 +72,34 @@ def stage2_vs_stage1(scores: pd.DataFrame) -> pd.DataFrame:
         effect, half = mean_ci(group["score"].to_numpy() - stage1[task])
         rows.append(finding_row("stage 2 vs stage 1", task, effect, half, len(group), f"t over {len(group)} stage-2 seeds"))
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
+
+
+def bootstrap_findings(run_dir: Path, pairs: dict[str, tuple[str, str]], n_resamples: int = 2000) -> pd.DataFrame:
+    """Named model comparisons of one run (``{finding: (model_a, model_b)}``, effect = b - a) with
+    paired-bootstrap intervals over queries / pairs; comparisons whose models are absent are skipped."""
+    models = set(read_per_item(run_dir)["model"])
+    wanted = {name: pair for name, pair in pairs.items() if set(pair) <= models}
+    rows = []
+    for name, (model_a, model_b) in wanted.items():
+        table = paired_comparisons(run_dir, pairs=[(model_a, model_b)], n_resamples=n_resamples)
+        rows += [finding_row(name, row.task, row.delta, (row.ci_low, row.ci_high), int(row.n_items),
+                             f"paired bootstrap over {int(row.n_items)} items ({row.statistic})")
+                 for row in table.itertuples()]
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS)
+
+
+def run_findings(run_dir: Path, n_resamples: int = 2000) -> pd.DataFrame:
+    """The findings of one run: stage 1 against the base model (with and without instructions) and
+    the soups against single checkpoints, paired over queries / pairs; stage 2 against stage 1,
+    paired over seeds. Clustering has no per-item scores: it enters the seed-paired rows only."""
+    scores = pd.read_csv(RunLayout(run_dir).mteb_scores)
+    main = scores[scores["is_main"] & ~scores["stage"].str.contains("@")]
+    singles = main[main["stage"].map(stage2_seed).notna()]
+    best = singles.groupby("stage")["score"].mean().idxmax() if not singles.empty else ""
+    pairs = {
+        "stage 1 vs base (instructed)": (BASE, STAGE1),
+        "stage 1 vs base (no instructions)": (BASE_NO_INSTRUCTION, STAGE1),
+        f"greedy soup vs best single ({best})": (best, soup_label("greedy")),
+        f"uniform soup vs best single ({best})": (best, soup_label("uniform")),
+    }
+    return pd.concat([bootstrap_findings(run_dir, pairs, n_resamples), stage2_vs_stage1(main)], ignore_index=True)

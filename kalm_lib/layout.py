@@ -47,6 +47,8 @@ RUNS_DIR = REPO_ROOT / "runs"
 RESULTS_DIR = REPO_ROOT / "results"
 
 INCOMPLETE_PREFIX = ".incomplete-"
+BASE = "base"  # model label of the untrained backbone, scored with the KaLM instructions
+BASE_NO_INSTRUCTION = "base_no_instruction"  # the same weights scored on bare texts (as it was trained)
 STAGE1 = "stage1"
 STAGE2_PREFIX = "stage2_seed"
 SOUP_PREFIX = "soup_"

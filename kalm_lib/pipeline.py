@@ -5,9 +5,10 @@ folder, at the paths :class:`kalm_lib.layout.RunLayout` names, and returns what 
     00        run_curation             data: shard, eval_payloads, card, curation_summary
     01        run_bidirectional_check  bidirectional_check
     02        run_pretraining          stage1, history("stage1")
+    02        run_mining               mined_shard(set), card(set), mining_quality, mining_samples
     03        run_finetuning           stage2(seed), history(stage2_label(seed))
     04        run_soup                 soup(method), soup_trace, mteb_validation
-    05        run_evaluation           mteb, mteb_scores
+    05        run_evaluation           mteb, mteb_scores, per_item_scores
 
 Notebook 06 reads them back through :mod:`kalm_lib.report`.
 """
@@ -25,7 +26,7 @@ from .config import ConfigError, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, write_curated
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
-from .layout import REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
+from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import is_main_process, write_output
@@ -217,7 +218,7 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     layout = RunLayout(run_dir)
     models: dict[str, Path | None] = {}
     if not profile.evaluation.skip_upstream_models:
-        models.update({"base": None, STAGE1: layout.stage1.final})
+        models.update({BASE: None, STAGE1: layout.stage1.final})
     models.update({path.parent.name: path for path in layout.stage2_finals()})
     soups = {soup_label(m): layout.soup(m) for m in profile.soup.methods}
     models.update({label: path for label, path in soups.items() if path.is_dir()})
@@ -245,7 +246,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
         encoder = load_encoder(profile.model) if path is None else encoder_from_checkpoint(path, profile.model)
         variants = {label: (encoder, True)}
         if path is None:
-            variants[f"{label}_no_instruction"] = (encoder, False)
+            variants[BASE_NO_INSTRUCTION] = (encoder, False)
         if label == list(models)[-1]:
             variants.update({f"{label}@dim{d}": (TruncatedEncoder(encoder, d), True) for d in profile.evaluation.matryoshka_dims})
             variants.update({f"{label}@{q}": (QuantizedEncoder(encoder, q), True) for q in profile.evaluation.quantizations})

@@ -11,6 +11,7 @@ import pandas as pd
 from .config import Profile
 from .curation import load_train_sets
 from .layout import RunLayout
+from .mteb_tasks import LOCAL_TASKS, read_eval_file
 
 
 def parameters_table(profile: Profile) -> pd.DataFrame:
@@ -66,6 +67,27 @@ def mining_quality(run_dir: Path) -> pd.DataFrame:
 def mining_samples(run_dir: Path) -> pd.DataFrame:
     """A few mined rows per set (query, positive, negatives)."""
     return pd.read_csv(RunLayout(run_dir).mining_samples)
+
+
+def evaluation_samples(run_dir: Path, rows: int = 6) -> dict[str, pd.DataFrame]:
+    """The first ``rows`` items of every held-out test task of the run, as the models see them
+    (before instructions): retrieval queries with their answer, labelled pairs, clustered words."""
+    folder = RunLayout(run_dir).eval_payloads("test")
+    samples = {}
+    for name, task in LOCAL_TASKS.items():
+        path = folder / task.filename
+        if not path.is_file():
+            continue
+        payload = read_eval_file(path)
+        if "queries" in payload:
+            answers = {qid: ", ".join(payload["corpus"][doc] for doc in docs) for qid, docs in payload["qrels"].items()}
+            frame = pd.DataFrame({"query": payload["queries"].values(), "answer": [answers[q] for q in payload["queries"]]})
+        elif "sentence1" in payload:
+            frame = pd.DataFrame({k: payload[k] for k in ("sentence1", "sentence2", "labels")})
+        else:
+            frame = pd.DataFrame({"sentence": payload["sentences"], "cluster": payload["labels"]})
+        samples[name] = frame.head(rows)
+    return samples
 
 
 def bidirectional_check(run_dir: Path) -> pd.DataFrame:

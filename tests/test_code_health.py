@@ -14,11 +14,11 @@ LIBRARY = sorted((REPO_ROOT / "kalm_lib").glob("*.py"))
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 # Names of files and folders inside a run folder; only kalm_lib/layout.py may spell them.
 # A folder name joined with "/" (pathlib or a string path), or a run file's name.
-FOLDERS = "data|metrics|checkpoints|mteb|mteb_validation|cards|eval|validation|notebooks|final|stage1"
+FOLDERS = "data|mined|metrics|checkpoints|mteb|mteb_validation|cards|eval|validation|notebooks|final|stage1"
 RUN_PATH_NAMES = re.compile(
     rf"""/\s*["']({FOLDERS})["']|["']({FOLDERS})/"""
     r"""|mteb_scores\.csv|soup_trace\.csv|curation_summary\.csv|bidirectional_check\.csv|_history\.json"""
-    r"""|manifest\.json|report\.html|progress\.json|\.incomplete-"""
+    r"""|manifest\.json|report\.html|progress\.json|\.incomplete-|per_item_scores\.csv|mining_quality\.csv|mining_samples\.csv|mining_pool\.parquet"""
 )
 
 

@@ -35,5 +35,6 @@ def test_grid_report_and_manifest(tiny_grid):
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["grid"]["reference"] == "full" and set(manifest["runs"]) == {"full", "no_focal"}
     html = layout.report_html.read_text()
-    assert "no_focal" in html and "delta_vs_reference" in html
+    assert "no_focal vs full" in html  # the grid's findings, first in the report
+    assert html.index("Findings") < html.index("Evidence")
     assert html.count("data:image/png;base64") >= 4

@@ -84,7 +84,7 @@ def test_mixing_draws_from_the_torch_rng_so_resume_must_restore_it(curated) -> N
     # Why the resume test above is not trivially exact: the synthetic negatives change with the RNG.
     loss_fn = build_loss(curated[0].finetune)
     g = torch.Generator().manual_seed(0)
-    q, p, n = (torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in ((4, 8), (4, 8), (4, 2, 8)))
+    q, p, n = (torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in ((4, 32), (4, 32), (4, 2, 32)))
     values = []
     for seed in (0, 1):
         torch.manual_seed(seed)
