@@ -1,6 +1,8 @@
 """Data curation: normalise, filter, de-duplicate and decontaminate derived sets, then write shards.
 
-Order for every training set: normalise text -> length filter -> exact de-duplication -> drop
+Sources are normalised (NFKC, white space) and cleaned (:data:`kalm_lib.builders.SOURCE_CLEANERS`:
+no definition containing its own word, no cross-references or markup) when loaded. Order for every
+training set: length filter -> exact de-duplication -> drop
 examples touching held-out evaluation words or texts (contamination) -> near-duplicate removal
 (MinHash LSH over character 5-grams of ``query || positive``) -> cap to the profile's size. Each step's row count goes
 into the curation summary.
@@ -18,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from datasketch import MinHash, MinHashLSH
+from pandas.api.types import is_string_dtype
 from tqdm.auto import tqdm
 
-from .builders import EVAL_BUILDERS, SINGLE_INPUT_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
+from .builders import EVAL_BUILDERS, SINGLE_INPUT_BUILDERS, SOURCE_CLEANERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
 from .layout import RunLayout
@@ -98,16 +101,20 @@ class CurationResult:
 
 
 def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
-    """Load and normalise every needed source card."""
+    """Load every needed source card, :func:`normalise` its string columns (``str`` or all-string
+    ``object`` dtype) and clean it with the :data:`~kalm_lib.builders.SOURCE_CLEANERS` entry of its
+    loader, if any."""
     sources = {}
     for name in sorted(needed):
         card = cards[name]
         if card.kind != "source":
             raise DataCardError(f"{card.path}: {name!r} is used as an input but is a {card.kind} card")
         frame = load_source(card)
-        for column in frame.columns[frame.dtypes == object]:  # noqa: E721 (elementwise dtype test)
-            frame[column] = frame[column].map(normalise)
-        sources[name] = frame
+        for column in frame.columns:
+            if is_string_dtype(frame[column]):
+                frame[column] = frame[column].map(normalise, na_action="ignore")
+        cleaner = SOURCE_CLEANERS.get(card.loader)
+        sources[name] = cleaner(frame) if cleaner else frame
     return sources
 
 
