@@ -9,6 +9,8 @@ the set of words they hold out.
 Text rules shared by training and evaluation (so that a test query and a training query obey the
 same contract):
 
+* one word, every spelling: :func:`word_key` identifies a word across GCIDE and WordNet regardless
+  of case, Unicode form, hyphens, underscores and spaces; the held-out split hashes that key.
 * no answer in the question: a definition or gloss that contains its own word (or a plain
   inflection of it, :func:`answer_forms`) is dropped.
 * GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
@@ -34,6 +36,7 @@ import pandas as pd
 EXAMPLE_COLUMNS = ["query", "positive", "negatives", "words"]
 Sources = dict[str, pd.DataFrame]
 
+_SEPARATORS = re.compile(r"[\s_'\-\u2010-\u2015\u2019]+")  # white space, underscore, apostrophes, hyphens and dashes
 _TOKEN = re.compile(r"[^\W_]+")  # runs of letters and digits
 _INFLECTIONS = ("s", "es", "d", "ed", "ing", "er", "est", "ly", "ness")  # "'s" is "s" once apostrophes separate tokens
 _VOWELS = frozenset("aeiou")
@@ -68,9 +71,17 @@ _MARKUP_TEXT = re.compile(r"1913\ Webster|Webster\ 1913|\bPJC\]|WordNet\ \d|<--|
 _SENSE_INDEX = re.compile(r"\{\d+[a-z]?\}")  # "the navel{1}" -> "the navel", "bittersweet{3b}" -> "bittersweet"
 
 
+def word_key(word: str) -> str:
+    """A word's identity across sources: NFKC, casefolded, with white space, underscores,
+    apostrophes and hyphens removed, so "Ice cream", "ice-cream", "ice_cream" and "icecream" are one
+    word (and "o'clock" is "oclock")."""
+    return _SEPARATORS.sub("", unicodedata.normalize("NFKC", word).casefold())
+
+
 def is_held_out(word: str, fraction: float, seed: int) -> bool:
-    """Stable hash split: True for about ``fraction`` of all words, fixed by ``seed``."""
-    digest = hashlib.blake2b(f"{seed}:{word}".encode(), digest_size=8).digest()
+    """Stable hash split of :func:`word_key`: True for about ``fraction`` of all words, fixed by
+    ``seed``; every spelling of a word lands on the same side."""
+    digest = hashlib.blake2b(f"{seed}:{word_key(word)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
@@ -245,7 +256,8 @@ def hub_pairs(sources: Sources, input_name: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """An evaluation payload (for :mod:`kalm_lib.mteb_tasks`) and the words it holds out."""
+    """An evaluation payload (for :mod:`kalm_lib.mteb_tasks`), the words it holds out and the texts
+    a model sees when evaluated on it (queries, documents, sentences)."""
 
     payload: dict
     words: frozenset[str]
@@ -258,24 +270,27 @@ def definition_retrieval_task(
     """GCIDE definition -> headword retrieval over a corpus of held-out headwords only.
 
     Reads GCIDE as cleaned by :func:`clean_gcide` (no query contains its answer or is a
-    cross-reference).
+    cross-reference). The corpus has one document per :func:`word_key`, written as the first of its
+    spellings in sorted order; a query is the first definition of a word, for ``n_queries`` words
+    drawn by ``rng``.
     """
     frame = sources["gcide"]
     frame = frame[frame["word"].map(held_out)]
-    corpus_words = sorted(set(frame["word"]))
-    first = frame.drop_duplicates("word")
+    frame = frame.assign(key=frame["word"].map(word_key))
+    spelling = frame.groupby("key")["word"].min()
+    first = frame.drop_duplicates("key")
     picked = first.iloc[rng.permutation(len(first))[:n_queries]]
     queries = {f"q{i}": text for i, text in enumerate(picked["definition"])}
-    doc_ids = {word: f"d{i}" for i, word in enumerate(corpus_words)}
-    qrels = {f"q{i}": {doc_ids[word]: 1} for i, word in enumerate(picked["word"])}
+    doc_ids = {key: f"d{i}" for i, key in enumerate(spelling.index)}
+    qrels = {f"q{i}": {doc_ids[key]: 1} for i, key in enumerate(picked["key"])}
     payload = {
         "name": "KalmDefinitionRetrieval",
         "instruction": instruction,
         "queries": queries,
-        "corpus": {doc_id: word for word, doc_id in doc_ids.items()},
+        "corpus": {doc_ids[key]: word for key, word in spelling.items()},
         "qrels": qrels,
     }
-    return EvalTask(payload, frozenset(corpus_words), frozenset(queries.values()))
+    return EvalTask(payload, frozenset(frame["word"]), frozenset(queries.values()) | frozenset(spelling))
 
 
 def synonym_antonym_task(

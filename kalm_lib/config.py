@@ -39,6 +39,7 @@ class DataConfig:
     min_chars: int = 2  # length filter on query and positive, in characters
     max_chars: int = 400
     near_dup_threshold: float = 0.85  # MinHash Jaccard above which a row is a near-duplicate of an earlier one
+    eval_near_dup_threshold: float = 0.8  # MinHash Jaccard (char 5-grams) at which a training text copies an eval text
     eval_retrieval_queries: int = 500  # size of the held-out definition-retrieval task (queries)
     eval_pairs: int = 600  # size of the held-out synonym/antonym pair task (pairs)
     eval_clusters: int = 40  # size of the held-out synset clustering task (clusters)

@@ -23,7 +23,7 @@ import torch
 
 from .bidirectional import first_token_sensitivity
 from .config import ConfigError, ModelConfig, Profile, load_profile
-from .curation import curate, load_train_sets, write_curated
+from .curation import curate, load_train_sets, task_texts, write_curated
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, evaluate_model
 from .layout import REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
@@ -54,7 +54,9 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card, mine stage-2 hard negatives with the base model, write shards."""
-    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir)
+    evaluated = profile.evaluation.benchmark or profile.evaluation.standard_tasks
+    external = task_texts(standard_tasks(evaluated)) if evaluated else frozenset()
+    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external)
     synonyms = _related_words(result.sources.get("oewn_synonyms"), "synonym")
     torch.manual_seed(profile.seed)
     encoder = load_encoder(profile.model)
