@@ -40,6 +40,7 @@ class DataConfig:
     max_chars: int = 400
     near_dup_threshold: float = 0.85  # MinHash Jaccard above which a row is a near-duplicate of an earlier one
     eval_near_dup_threshold: float = 0.8  # MinHash Jaccard (char 5-grams) at which a training text copies an eval text
+    sample_seed: int | None = None  # seed of training-row sampling and mining draws (None = the profile seed); never of the split
     eval_retrieval_queries: int = 500  # size of the held-out definition-retrieval task (queries)
     eval_pairs: int = 600  # size of the held-out synonym/antonym pair task (pairs)
     eval_clusters: int = 40  # size of the held-out synset clustering task (clusters)

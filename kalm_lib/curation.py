@@ -8,6 +8,10 @@ words (any spelling) or repeating evaluation texts (contamination) -> random poo
 character 5-grams; the local tasks' texts and, on hub hosts, those of the standard mteb tasks) ->
 near-duplicate removal within the set (MinHash LSH over ``query || positive``) -> cap to the
 profile's size. Each step's row count goes into the curation summary.
+
+Two seeds: the profile seed fixes the held-out split and the evaluation tasks; the sample seed
+(:func:`sample_seed`) fixes which training rows are drawn, so curation variance can be measured on
+unchanged evaluation tasks.
 """
 
 from __future__ import annotations
@@ -168,6 +172,13 @@ def _strings(values: Iterable[Any]) -> Iterator[str]:
             yield from _strings(value)
 
 
+def sample_seed(cfg: DataConfig, seed: int) -> int:
+    """Seed of the curation's sampling (which training rows are kept; mining's draws):
+    ``cfg.sample_seed``, or the profile ``seed`` when that is None. The held-out split and the
+    evaluation tasks always follow the profile seed."""
+    return seed if cfg.sample_seed is None else cfg.sample_seed
+
+
 @dataclass
 class CurationResult:
     """Curated training sets, evaluation payloads and the per-step summary."""
@@ -202,7 +213,8 @@ def curate(
 ) -> CurationResult:
     """Run the whole curation for the derived cards under ``cards_dir``.
 
-    ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
+    ``seed`` fixes the held-out split and the evaluation tasks, :func:`sample_seed` the training
+    rows. ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
     evaluates) are decontaminated against like the local evaluation texts.
     """
     cards = load_cards(cards_dir)
@@ -214,7 +226,8 @@ def curate(
         if card.builder not in known:
             raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown; known: {sorted(known)}")
     sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs})
-    rng = np.random.default_rng(seed)
+    eval_rng = np.random.default_rng(seed)
+    train_rng = np.random.default_rng(sample_seed(cfg, seed))
     result = CurationResult(cards=derived, sources=sources)
     splits = {
         "test": lambda word: is_held_out(word, cfg.eval_word_fraction, seed),
@@ -226,7 +239,7 @@ def curate(
             if card.split not in splits:
                 raise DataCardError(f"{card.path}: field 'split' of an eval card must be one of {sorted(splits)}")
             size = getattr(cfg, _EVAL_SIZE[card.builder])
-            task = EVAL_BUILDERS[card.builder](sources, splits[card.split], size, rng, card.instruction)
+            task = EVAL_BUILDERS[card.builder](sources, splits[card.split], size, eval_rng, card.instruction)
             if not task.words:
                 raise DataCardError(f"{card.path}: evaluation set {name!r} came out empty")
             result.evals[name] = task
@@ -237,7 +250,7 @@ def curate(
         if card.stage != "eval":
             cap = cfg.max_stage1_pairs_per_source if card.stage == "pretrain" else cfg.max_stage2_per_source
             result.train[name] = _curate_train(
-                card, sources, cfg, cap, rng, eval_words, eval_texts, index, result.summary
+                card, sources, cfg, cap, train_rng, eval_words, eval_texts, index, result.summary
             )
     return result
 

@@ -256,3 +256,16 @@ def test_hub_rows_repeating_or_near_copying_mteb_task_texts_are_dropped(tmp_path
     result = curate(DataConfig(), 3, tmp_path / "cards", extra_eval_texts=texts)
     kept = result.train["pt_hub_demo"]
     assert sorted(kept["query"]) == sorted(clean[:15])
+
+
+# --- 4. a curation seed that leaves the held-out split alone -----------------------------------
+
+def test_sample_seed_changes_training_rows_but_not_evaluation(gcide_cards):
+    small = replace(SMALL, max_stage1_pairs_per_source=60)
+    base = curate(small, 5, gcide_cards)
+    same = curate(replace(small, sample_seed=5), 5, gcide_cards)
+    other = curate(replace(small, sample_seed=6), 5, gcide_cards)
+    for name in ("test", "validation"):
+        assert other.evals[name].payload == base.evals[name].payload, name
+    assert same.train["train"].equals(base.train["train"])  # None means the profile seed
+    assert set(other.train["train"]["query"]) != set(base.train["train"]["query"])
