@@ -5,11 +5,28 @@ Every training builder returns an *example frame* with the columns of :data:`EXA
 mining) and ``words`` (every dictionary word the example touches, used by the contamination
 filter). Evaluation builders return the JSON payload that :mod:`kalm_lib.mteb_tasks` reads, plus
 the set of words they hold out.
+
+Text rules shared by training and evaluation (so that a test query and a training query obey the
+same contract):
+
+* one word, every spelling: :func:`word_key` identifies a word across GCIDE and WordNet regardless
+  of case, Unicode form, hyphens, underscores and spaces; the held-out split hashes that key.
+* no answer in the question: a definition or gloss that contains its own word (or a plain
+  inflection of it, :func:`answer_forms`) is dropped.
+* GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
+  markup, and cross-references ("See X", "Same as X", "imp. & p. p. of X", ...), are dropped.
+
+These rules clean the sources once (:data:`SOURCE_CLEANERS`, applied by the curation when it loads
+them), so every builder, training and evaluation alike, reads answer-free, cross-reference-free
+definitions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,16 +36,145 @@ import pandas as pd
 EXAMPLE_COLUMNS = ["query", "positive", "negatives", "words"]
 Sources = dict[str, pd.DataFrame]
 
+_SEPARATORS = re.compile(r"[\s_'\-\u2010-\u2015\u2019]+")  # white space, underscore, apostrophes, hyphens and dashes
+_TOKEN = re.compile(r"[^\W_]+")  # runs of letters and digits
+_INFLECTIONS = ("s", "es", "d", "ed", "ing", "er", "est", "ly", "ness")  # "'s" is "s" once apostrophes separate tokens
+_VOWELS = frozenset("aeiou")
+# GCIDE definitions that only point elsewhere. Grammatical references: a chain of grammar labels
+# then "of / from / fr. / for X", a bare word, or nothing ("imp. & p. p. of Hear", "a. & n. from
+# Walk, v.", "3d pers. sing. present of Stand", "obs. imp. pl."); pointers: "See X", "See under X",
+# "Same as X", "Alt. of X", "Var. of X", "Short for X", "(A) variant (spelling) of X", "An obsolete
+# form of X"; a bare "A contraction / abbreviation / corruption / diminutive / plural of X" (at most
+# four words after "of"); and "of X." fragments left by the source's parser.
+_LABEL = r"(?:obs|imp|p|pr|pp|vb|n|a|pl|sing|pres|superl|compar|pret|pers?|indic|ind|subj|inf|fem|masc|l|poet)\.|\d(?:st|d|nd|rd|th)\b\.?"
+_QUALIFIER = r"(?:and|or|rare|archaic|present)\s"
+_GRAMMAR = (
+    rf"(?:{_LABEL})(?:[\s,&(]*(?:{_QUALIFIER})?[\s,&(]*(?:{_LABEL}))*[\s,(]*(?:{_QUALIFIER})?"
+    r"\s*(?:(?:of|for|from|fr\.)\s|[\w'-]+\.?$|$)"
+)
+_CROSS_REFERENCE = re.compile(
+    r"^\W*(?:see\b|same\ as\b|alt\.\ of\b|var\.\ of\b|short\ for\b"
+    r"|(?:an?\ )?variant\ (?:spelling\ )?(?:of|for)\b"
+    r"|(?:an?\ )?(?:obsolete|archaic|old|aphetic|shortened)\ (?:form|spelling|variant|plural)s?\ (?:of|for)\b"
+    r"|(?:an?\ )?(?:contraction|abbreviation|corruption|diminutive|plural)\ (?:of|for)\ [^\s;]+(?:\ [^\s;]+){0,3}$"
+    rf"|{_GRAMMAR}"
+    r"|of\ [^\W\d_][\w'-]*(?:,\ [^;]*)?\.?$)",
+    re.IGNORECASE,
+)
+# Headwords that are parser debris ("a a* (, n. the state of ...", "newtonnew\"ton (n, ...") or
+# alternations ("tracer/y", "adder fly/"): markup characters, or a slash next to a letter.
+_MARKUP_WORD = re.compile(r"[\[\](){}*\"`\\<>]|[^\W\d_]/|/(?:[^\W\d_]|$)")
+# Definitions holding source tags glued to cut text ("split into lamin1913 Webster]"), editorial
+# comments ("<-- p. 26 -->"), pronunciation marks ("Af*flict\"ing*ly", "A` (#)"), RTF escapes or
+# braces left once sense indices are removed ("copies of {ritten katter", "display{n3}").
+_MARKUP_TEXT = re.compile(r"1913\ Webster|Webster\ 1913|\bPJC\]|WordNet\ \d|<--|-->|[*`{}\\]|\((?:\?|\#)\)", re.IGNORECASE)
+_SENSE_INDEX = re.compile(r"\{\d+[a-z]?\}")  # "the navel{1}" -> "the navel", "bittersweet{3b}" -> "bittersweet"
+
+
+def word_key(word: str) -> str:
+    """A word's identity across sources: NFKC, casefolded, with white space, underscores,
+    apostrophes and hyphens removed, so "Ice cream", "ice-cream", "ice_cream" and "icecream" are one
+    word (and "o'clock" is "oclock")."""
+    return _SEPARATORS.sub("", unicodedata.normalize("NFKC", word).casefold())
+
 
 def is_held_out(word: str, fraction: float, seed: int) -> bool:
-    """Stable hash split: True for about ``fraction`` of all words, fixed by ``seed``."""
-    digest = hashlib.blake2b(f"{seed}:{word}".encode(), digest_size=8).digest()
+    """Stable hash split of :func:`word_key`: True for about ``fraction`` of all words, fixed by
+    ``seed``; every spelling of a word lands on the same side."""
+    digest = hashlib.blake2b(f"{seed}:{word_key(word)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+def word_tokens(text: str) -> list[str]:
+    """Casefolded runs of letters and digits: everything else (spaces, hyphens, apostrophes,
+    underscores, punctuation) separates them."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def _inflected(stem: str) -> set[str]:
+    """``stem`` plus each suffix of ``_INFLECTIONS``, with English spelling rules: a final e is
+    dropped before a vowel (dance -> dancing), a final consonant + y becomes i (carry -> carried),
+    a final consonant-vowel-consonant doubles (stop -> stopped)."""
+    forms = {stem + suffix for suffix in _INFLECTIONS}
+    vowel_suffixes = [s for s in _INFLECTIONS if s[0] in "ei"]
+    if stem.endswith("e"):
+        forms |= {stem[:-1] + s for s in vowel_suffixes}
+    if len(stem) > 1 and stem.endswith("y") and stem[-2] not in _VOWELS:
+        forms |= {stem[:-1] + "i" + s for s in ("es", "ed", "er", "est", "ly", "ness")}
+    if len(stem) > 2 and stem[-1] not in _VOWELS | {"w", "x", "y"} and stem[-2] in _VOWELS and stem[-3] not in _VOWELS:
+        forms |= {stem + stem[-1] + s for s in vowel_suffixes}
+    return forms
+
+
+def answer_forms(word: str) -> frozenset[str]:
+    """Closed forms that give ``word`` away: its tokens written together ("ice cream" ->
+    "icecream"), also with an inflection of the last token ("icecreams", "flatteringly", "goes").
+    Very short words over-match ("an" + "d" is "and"); that only drops more of their own rows."""
+    closed = "".join(word_tokens(word))
+    return frozenset({closed, *_inflected(closed)}) if closed else frozenset()
+
+
+def _has_form(tokens: list[str], forms: frozenset[str]) -> bool:
+    """True if a run of consecutive ``tokens``, written together, is one of ``forms``: whole tokens
+    only, whatever separated them ("ice cream", "ice-cream", "icecream", "Kuklux Klan")."""
+    closed = "".join(tokens)
+    candidates = [form for form in forms if form in closed]
+    if not candidates:
+        return False
+    bounds = set(itertools.accumulate(map(len, tokens), initial=0))
+    for form in candidates:
+        start = closed.find(form)
+        while start >= 0:
+            if start in bounds and start + len(form) in bounds:
+                return True
+            start = closed.find(form, start + 1)
+    return False
+
+
+def contains_answer(text: str, word: str) -> bool:
+    """True if ``text`` contains ``word`` or an inflection of it (:func:`answer_forms`) as whole
+    tokens, casefolded, in any spelling."""
+    return _has_form(word_tokens(text), answer_forms(word))
+
+
+def answer_free(frame: pd.DataFrame, text_column: str, word_column: str = "word") -> pd.DataFrame:
+    """Rows of ``frame`` whose text does not contain its own word (:func:`contains_answer`)."""
+    words = frame[word_column].tolist()
+    forms = {word: answer_forms(word) for word in set(words)}
+    leaks = [_has_form(word_tokens(text), forms[word]) for text, word in zip(frame[text_column].tolist(), words)]
+    return frame[~np.array(leaks, dtype=bool)]
+
+
+def clean_gcide(frame: pd.DataFrame) -> pd.DataFrame:
+    """GCIDE (word, definition) rows fit to train or test on: sense indices removed; markup
+    headwords and definitions, cross-references and definitions containing their word dropped."""
+    frame = frame.assign(definition=frame["definition"].str.replace(_SENSE_INDEX, "", regex=True))
+    bad = (
+        frame["word"].str.contains(_MARKUP_WORD)
+        | frame["definition"].str.contains(_MARKUP_TEXT)
+        | frame["definition"].str.contains(_CROSS_REFERENCE)
+    )
+    return answer_free(frame[~bad], "definition")
+
+
+def clean_glosses(frame: pd.DataFrame) -> pd.DataFrame:
+    """WordNet (word, gloss) rows whose gloss does not contain its lemma."""
+    return answer_free(frame, "gloss")
+
+
+SOURCE_CLEANERS: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {  # by source loader
+    "gcide": clean_gcide,
+    "oewn_glosses": clean_glosses,
+}
+
+
 def _relation_map(frame: pd.DataFrame, column: str) -> dict[str, list[str]]:
-    """word -> list of related words."""
-    return frame.groupby("word")[column].agg(list).to_dict()
+    """word -> list of related words, in row order (a plain loop: under pandas 3,
+    ``groupby(...).agg(list)`` takes 15 times as long on the WordNet tables)."""
+    related: dict[str, list[str]] = {}
+    for word, other in zip(frame["word"].tolist(), frame[column].tolist()):
+        related.setdefault(word, []).append(other)
+    return related
 
 
 def _examples(query: pd.Series, positive: pd.Series, negatives: list[list[str]], words: list[list[str]]) -> pd.DataFrame:
@@ -110,7 +256,8 @@ def hub_pairs(sources: Sources, input_name: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """An evaluation payload (for :mod:`kalm_lib.mteb_tasks`) and the words it holds out."""
+    """An evaluation payload (for :mod:`kalm_lib.mteb_tasks`), the words it holds out and the texts
+    a model sees when evaluated on it (queries, documents, sentences)."""
 
     payload: dict
     words: frozenset[str]
@@ -120,23 +267,30 @@ class EvalTask:
 def definition_retrieval_task(
     sources: Sources, held_out: Callable[[str], bool], n_queries: int, rng: np.random.Generator, instruction: str
 ) -> EvalTask:
-    """GCIDE definition -> headword retrieval over a corpus of held-out headwords only."""
+    """GCIDE definition -> headword retrieval over a corpus of held-out headwords only.
+
+    Reads GCIDE as cleaned by :func:`clean_gcide` (no query contains its answer or is a
+    cross-reference). The corpus has one document per :func:`word_key`, written as the first of its
+    spellings in sorted order; a query is the first definition of a word, for ``n_queries`` words
+    drawn by ``rng``.
+    """
     frame = sources["gcide"]
     frame = frame[frame["word"].map(held_out)]
-    corpus_words = sorted(set(frame["word"]))
-    first = frame.drop_duplicates("word")
+    frame = frame.assign(key=frame["word"].map(word_key))
+    spelling = frame.groupby("key")["word"].min()
+    first = frame.drop_duplicates("key")
     picked = first.iloc[rng.permutation(len(first))[:n_queries]]
     queries = {f"q{i}": text for i, text in enumerate(picked["definition"])}
-    doc_ids = {word: f"d{i}" for i, word in enumerate(corpus_words)}
-    qrels = {f"q{i}": {doc_ids[word]: 1} for i, word in enumerate(picked["word"])}
+    doc_ids = {key: f"d{i}" for i, key in enumerate(spelling.index)}
+    qrels = {f"q{i}": {doc_ids[key]: 1} for i, key in enumerate(picked["key"])}
     payload = {
         "name": "KalmDefinitionRetrieval",
         "instruction": instruction,
         "queries": queries,
-        "corpus": {doc_id: word for word, doc_id in doc_ids.items()},
+        "corpus": {doc_ids[key]: word for key, word in spelling.items()},
         "qrels": qrels,
     }
-    return EvalTask(payload, frozenset(corpus_words), frozenset(queries.values()))
+    return EvalTask(payload, frozenset(frame["word"]), frozenset(queries.values()) | frozenset(spelling))
 
 
 def synonym_antonym_task(

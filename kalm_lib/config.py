@@ -39,6 +39,8 @@ class DataConfig:
     min_chars: int = 2  # length filter on query and positive, in characters
     max_chars: int = 400
     near_dup_threshold: float = 0.85  # MinHash Jaccard above which a row is a near-duplicate of an earlier one
+    eval_near_dup_threshold: float = 0.8  # MinHash Jaccard (char 5-grams) at which a training text copies an eval text
+    sample_seed: int | None = None  # seed of training-row sampling and mining draws (None = the profile seed); never of the split
     eval_retrieval_queries: int = 500  # size of the held-out definition-retrieval task (queries)
     eval_pairs: int = 600  # size of the held-out synonym/antonym pair task (pairs)
     eval_clusters: int = 40  # size of the held-out synset clustering task (clusters)
@@ -217,7 +219,13 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint, allowing int where float is expected."""
+    """Check ``value`` against a simple type hint (``T`` or ``T | None``), allowing int where float
+    is expected."""
+    arguments = typing.get_args(hint)
+    if type(None) in arguments:
+        if value is None:
+            return None
+        (hint,) = [argument for argument in arguments if argument is not type(None)]
     origin = typing.get_origin(hint) or hint
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -1,9 +1,17 @@
 """Data curation: normalise, filter, de-duplicate and decontaminate derived sets, then write shards.
 
-Order for every training set: normalise text -> length filter -> exact de-duplication -> drop
-examples touching held-out evaluation words or texts (contamination) -> near-duplicate removal
-(MinHash LSH over character 5-grams of ``query || positive``) -> cap to the profile's size. Each step's row count goes
-into the curation summary.
+Sources are normalised (NFKC, white space) and cleaned (:data:`kalm_lib.builders.SOURCE_CLEANERS`:
+no definition containing its own word, no cross-references or markup) when loaded. Order for every
+training set: length filter -> exact de-duplication -> drop examples touching held-out evaluation
+words (any spelling) or repeating evaluation texts (contamination) -> random pool of twice the cap
+-> drop rows whose query or positive is a near-duplicate of an evaluation text (MinHash LSH over
+character 5-grams; the local tasks' texts and, on hub hosts, those of the standard mteb tasks) ->
+near-duplicate removal within the set (MinHash LSH over ``query || positive``) -> cap to the
+profile's size. Each step's row count goes into the curation summary.
+
+Two seeds: the profile seed fixes the held-out split and the evaluation tasks; the sample seed
+(:func:`sample_seed`) fixes which training rows are drawn, so curation variance can be measured on
+unchanged evaluation tasks.
 """
 
 from __future__ import annotations
@@ -12,22 +20,44 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from datasets import Dataset
 from datasketch import MinHash, MinHashLSH
-from tqdm.auto import tqdm
+from pandas.api.types import is_string_dtype
 
-from .builders import EVAL_BUILDERS, SINGLE_INPUT_BUILDERS, TRAIN_BUILDERS, EvalTask, Sources, is_held_out
+from .builders import (
+    EVAL_BUILDERS,
+    SINGLE_INPUT_BUILDERS,
+    SOURCE_CLEANERS,
+    TRAIN_BUILDERS,
+    EvalTask,
+    Sources,
+    is_held_out,
+    word_key,
+    word_tokens,
+)
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
 from .layout import RunLayout
 from .outputs import write_output
 from .sources import load_source
 
+if TYPE_CHECKING:
+    from mteb import AbsTask
+
 _SPACE = re.compile(r"\s+")
+_NOT_TEXT = re.compile(r"(?:.*[-_])?(?:id|qid|docid|labels?)", re.IGNORECASE)  # mteb columns holding ids or labels
+NUM_PERM = 64  # MinHash permutations of every signature (evaluation index and de-duplication)
+# LSH (false positive, false negative) weights of the evaluation index: missing a copy of an
+# evaluation text costs more than dropping a training row. At threshold 0.8 a training text is
+# dropped with probability ~0.88 at Jaccard 0.8, 0.97 at 0.85, > 0.99 at 0.9; ~0.5 at 0.7, ~0.2 at 0.6.
+EVAL_INDEX_WEIGHTS = (0.1, 0.9)
 _EVAL_SIZE = {
     "definition_retrieval_task": "eval_retrieval_queries",
     "synonym_antonym_task": "eval_pairs",
@@ -56,34 +86,97 @@ def exact_dedup(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: frozenset[str]) -> pd.DataFrame:
-    """Drop rows that touch a held-out word or repeat a held-out text as query or positive."""
-    touches_word = frame["words"].map(lambda words: any(w in eval_words for w in words))
+    """Drop rows that touch a held-out word (compared by :func:`~kalm_lib.builders.word_key`, so in
+    any spelling) or repeat a held-out text as query, positive or negative."""
+    keys = {word_key(word) for word in eval_words}
+    held = {word for word in frame["words"].explode().dropna().unique() if word_key(word) in keys}
+    touches_word = frame["words"].map(lambda words: any(w in held for w in words))
     repeats_text = frame["query"].isin(eval_texts) | frame["positive"].isin(eval_texts)
     negative_hit = frame["negatives"].map(lambda negs: any(n in eval_texts for n in negs))
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def _minhash(text: str, num_perm: int, width: int = 5) -> MinHash:
-    """MinHash of a text's character ``width``-grams (robust for short texts such as definitions)."""
-    folded = text.casefold()
-    grams = {folded[i : i + width] for i in range(max(1, len(folded) - width + 1))}
-    signature = MinHash(num_perm=num_perm)
-    signature.update_batch([g.encode() for g in grams])
-    return signature
+def _shingles(text: str, width: int = 5) -> list[bytes]:
+    """Character ``width``-grams (the whole text if shorter) of the text's canonical form: its
+    casefolded word tokens joined by single spaces, so case and punctuation never matter
+    ("Unmarried." and "unmarried" have the same shingles)."""
+    canonical = " ".join(word_tokens(text))
+    return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
 
 
-def near_dedup(frame: pd.DataFrame, threshold: float, num_perm: int = 64) -> pd.DataFrame:
+def _signatures(texts: Sequence[str]) -> list[MinHash]:
+    """MinHash signatures (:data:`NUM_PERM` permutations) of the texts' shingles, in bulk."""
+    return MinHash.bulk([_shingles(text) for text in texts], num_perm=NUM_PERM)
+
+
+def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
+    """MinHash LSH index of evaluation texts (:func:`_shingles`): a query returns those whose
+    shingle Jaccard with the queried text is about ``threshold`` or more, tuned for recall
+    (:data:`EVAL_INDEX_WEIGHTS`)."""
+    index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
+    unique = sorted(set(texts))
+    with index.insertion_session() as session:
+        for key, signature in enumerate(_signatures(unique)):
+            session.insert(str(key), signature)
+    return index
+
+
+def drop_eval_near_duplicates(frame: pd.DataFrame, index: MinHashLSH) -> pd.DataFrame:
+    """Drop rows whose query or positive is a near-duplicate (:func:`eval_text_index`) of an
+    evaluation text."""
+    texts = pd.unique(pd.concat([frame["query"], frame["positive"]]))
+    near = {text for text, signature in zip(texts, _signatures(texts)) if index.query(signature)}
+    return frame[~(frame["query"].isin(near) | frame["positive"].isin(near))]
+
+
+def near_dedup(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     keep = []
-    texts = (frame["query"] + " || " + frame["positive"]).tolist()
-    for index, text in enumerate(tqdm(texts, desc="near-dedup", leave=False, mininterval=5)):
-        signature = _minhash(text, num_perm)
+    for index, signature in enumerate(_signatures((frame["query"] + " || " + frame["positive"]).tolist())):
         if lsh.query(signature):
             continue
         lsh.insert(str(index), signature)
         keep.append(index)
     return frame.iloc[keep]
+
+
+def task_texts(tasks: Iterable[AbsTask]) -> frozenset[str]:
+    """Every text of the given mteb tasks: after ``task.load_data()``, the string values of every
+    column (ids and labels aside) of every ``Dataset`` in ``task.dataset``, however nested (subset
+    -> split -> queries / corpus / sentences ...), lists of strings included."""
+    texts: set[str] = set()
+    for task in tasks:
+        task.load_data()
+        texts.update(_dataset_texts(task.dataset))
+    return frozenset(text for text in texts if text.strip())
+
+
+def _dataset_texts(node: Any) -> Iterator[str]:
+    """Strings in the text columns of the Datasets inside ``node`` (a Dataset or nested mappings)."""
+    if isinstance(node, Dataset):
+        for column in node.column_names:
+            if not _NOT_TEXT.fullmatch(column):
+                yield from _strings(node[column])
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            yield from _dataset_texts(value)
+
+
+def _strings(values: Iterable[Any]) -> Iterator[str]:
+    """The strings among ``values``, descending into lists."""
+    for value in values:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            yield from _strings(value)
+
+
+def sample_seed(cfg: DataConfig, seed: int) -> int:
+    """Seed of the curation's sampling (which training rows are kept; mining's draws):
+    ``cfg.sample_seed``, or the profile ``seed`` when that is None. The held-out split and the
+    evaluation tasks always follow the profile seed."""
+    return seed if cfg.sample_seed is None else cfg.sample_seed
 
 
 @dataclass
@@ -98,21 +191,32 @@ class CurationResult:
 
 
 def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
-    """Load and normalise every needed source card."""
+    """Load every needed source card, :func:`normalise` its string columns (``str`` or all-string
+    ``object`` dtype) and clean it with the :data:`~kalm_lib.builders.SOURCE_CLEANERS` entry of its
+    loader, if any."""
     sources = {}
     for name in sorted(needed):
         card = cards[name]
         if card.kind != "source":
             raise DataCardError(f"{card.path}: {name!r} is used as an input but is a {card.kind} card")
         frame = load_source(card)
-        for column in frame.columns[frame.dtypes == object]:  # noqa: E721 (elementwise dtype test)
-            frame[column] = frame[column].map(normalise)
-        sources[name] = frame
+        for column in frame.columns:
+            if is_string_dtype(frame[column]):
+                frame[column] = frame[column].map(normalise, na_action="ignore")
+        cleaner = SOURCE_CLEANERS.get(card.loader)
+        sources[name] = cleaner(frame) if cleaner else frame
     return sources
 
 
-def curate(cfg: DataConfig, seed: int, cards_dir: Path) -> CurationResult:
-    """Run the whole curation for the offline derived cards under ``cards_dir``."""
+def curate(
+    cfg: DataConfig, seed: int, cards_dir: Path, extra_eval_texts: frozenset[str] = frozenset()
+) -> CurationResult:
+    """Run the whole curation for the derived cards under ``cards_dir``.
+
+    ``seed`` fixes the held-out split and the evaluation tasks, :func:`sample_seed` the training
+    rows. ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
+    evaluates) are decontaminated against like the local evaluation texts.
+    """
     cards = load_cards(cards_dir)
     derived = {n: c for n, c in cards.items() if c.kind == "derived"}
     if not derived:
@@ -122,7 +226,8 @@ def curate(cfg: DataConfig, seed: int, cards_dir: Path) -> CurationResult:
         if card.builder not in known:
             raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown; known: {sorted(known)}")
     sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs})
-    rng = np.random.default_rng(seed)
+    eval_rng = np.random.default_rng(seed)
+    train_rng = np.random.default_rng(sample_seed(cfg, seed))
     result = CurationResult(cards=derived, sources=sources)
     splits = {
         "test": lambda word: is_held_out(word, cfg.eval_word_fraction, seed),
@@ -134,16 +239,19 @@ def curate(cfg: DataConfig, seed: int, cards_dir: Path) -> CurationResult:
             if card.split not in splits:
                 raise DataCardError(f"{card.path}: field 'split' of an eval card must be one of {sorted(splits)}")
             size = getattr(cfg, _EVAL_SIZE[card.builder])
-            task = EVAL_BUILDERS[card.builder](sources, splits[card.split], size, rng, card.instruction)
+            task = EVAL_BUILDERS[card.builder](sources, splits[card.split], size, eval_rng, card.instruction)
             if not task.words:
                 raise DataCardError(f"{card.path}: evaluation set {name!r} came out empty")
             result.evals[name] = task
     eval_words = frozenset().union(*(t.words for t in result.evals.values()))
-    eval_texts = frozenset().union(*(t.texts for t in result.evals.values()))
+    eval_texts = frozenset().union(*(t.texts for t in result.evals.values()), map(normalise, extra_eval_texts))
+    index = eval_text_index(eval_texts, cfg.eval_near_dup_threshold)
     for name, card in derived.items():
         if card.stage != "eval":
             cap = cfg.max_stage1_pairs_per_source if card.stage == "pretrain" else cfg.max_stage2_per_source
-            result.train[name] = _curate_train(card, sources, cfg, cap, rng, eval_words, eval_texts, result.summary)
+            result.train[name] = _curate_train(
+                card, sources, cfg, cap, train_rng, eval_words, eval_texts, index, result.summary
+            )
     return result
 
 
@@ -155,6 +263,7 @@ def _curate_train(
     rng: np.random.Generator,
     eval_words: frozenset[str],
     eval_texts: frozenset[str],
+    eval_index: MinHashLSH,
     summary: list[dict],
 ) -> pd.DataFrame:
     """Apply the filter chain to one training set, logging counts into ``summary``."""
@@ -170,6 +279,9 @@ def _curate_train(
     frame = decontaminate(frame, eval_words, eval_texts)
     counts["after_decontamination"] = len(frame)
     frame = frame.iloc[rng.permutation(len(frame))[: 2 * cap]]
+    pool = len(frame)
+    frame = drop_eval_near_duplicates(frame, eval_index)
+    counts["eval_near_duplicates"] = pool - len(frame)
     frame = near_dedup(frame, cfg.near_dup_threshold)
     counts["after_near_dedup_of_pool"] = len(frame)
     frame = frame.iloc[:cap].reset_index(drop=True)

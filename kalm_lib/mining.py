@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .builders import word_key
 from .data_cards import DataCard, write_card
 from .encoder import Encoder
 from .instructions import format_instructed
@@ -81,10 +82,11 @@ def needs_mining(card: DataCard) -> bool:
     return card.stage == "finetune" and card.task_type != "classification"
 
 
-def pool_table(sources: Mapping[str, pd.DataFrame], held_out: frozenset[str]) -> pd.DataFrame:
+def pool_table(sources: Mapping[str, pd.DataFrame], held_out_keys: frozenset[str]) -> pd.DataFrame:
     """The candidate corpus of the lexical sets: every word of the sources (columns ``word``,
-    ``synonym``, ``antonym``; ~100k headwords and lemmas) that is not held out, sorted, with the
-    words related to it (synonyms, both directions), which mining never pairs with it."""
+    ``synonym``, ``antonym``; ~100k headwords and lemmas) whose :func:`~kalm_lib.builders.word_key`
+    is not held out, sorted, with the words related to it (synonyms, both directions), which
+    mining never pairs with it."""
     words: set[str] = set()
     related: dict[str, set[str]] = {}
     for frame in sources.values():
@@ -95,7 +97,7 @@ def pool_table(sources: Mapping[str, pd.DataFrame], held_out: frozenset[str]) ->
             for a, b in zip(frame["word"], frame["synonym"]):
                 related.setdefault(a, set()).add(b)
                 related.setdefault(b, set()).add(a)
-    texts = sorted(w for w in words if w and w not in held_out)
+    texts = sorted(w for w in words if w and word_key(w) not in held_out_keys)
     return pd.DataFrame({"text": texts, "related": [sorted(related.get(t, ())) for t in texts]})
 
 

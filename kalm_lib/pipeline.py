@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 
 from .bidirectional import first_token_sensitivity
+from .builders import word_key
 from .config import ConfigError, ModelConfig, Profile, load_profile
-from .curation import curate, load_train_sets, write_curated
+from .curation import curate, load_train_sets, sample_seed, task_texts, write_curated
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
 from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
@@ -54,11 +55,14 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card; write shards, evaluation payloads, filled cards, the summary and
-    the candidate pool that notebook 02 mines stage-2 hard negatives from."""
+    the candidate pool that notebook 02 mines stage-2 hard negatives from. Profiles that evaluate
+    standard MTEB tasks also decontaminate against those tasks' texts."""
     layout = RunLayout(run_dir)
-    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir)
+    evaluated = profile.evaluation.benchmark or profile.evaluation.standard_tasks
+    external = task_texts(standard_tasks(evaluated)) if evaluated else frozenset()
+    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external)
     summary = write_curated(result, layout)
-    held_out = frozenset().union(*(task.words for task in result.evals.values()))
+    held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)
     return summary
 
@@ -81,7 +85,7 @@ def run_mining(profile: Profile, run_dir: Path) -> pd.DataFrame:
     cfg = MiningConfig(
         count=profile.data.hard_negatives, rank_min=profile.data.hard_negative_rank_min,
         rank_max=profile.data.hard_negative_rank_max, score_decimals=profile.data.mining_score_decimals,
-        consistency_filter=profile.data.mining_consistency_filter, seed=profile.seed,
+        consistency_filter=profile.data.mining_consistency_filter, seed=sample_seed(profile.data, profile.seed),
     )
     rows, samples = [], []
     for name, (frame, card) in load_train_sets(layout, "finetune").items():

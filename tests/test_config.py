@@ -78,3 +78,10 @@ def test_out_of_range_values_are_named(key, value, message):
 def test_matryoshka_settings_are_checked_when_the_profile_loads(dims, weights, message):
     with pytest.raises(ConfigError, match=message):
         load_profile("tiny", {"finetune.matryoshka_dims": dims, "finetune.matryoshka_weights": weights})
+
+
+def test_optional_fields_take_none_or_their_type():
+    assert load_profile("tiny").data.sample_seed is None
+    assert load_profile("tiny", {"data.sample_seed": 3}).data.sample_seed == 3
+    with pytest.raises(ConfigError, match="sample_seed: expected int"):
+        load_profile("tiny", {"data.sample_seed": "three"})

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kalm_lib.builders import is_held_out
+from kalm_lib.builders import clean_gcide, contains_answer, is_held_out
 from kalm_lib.config import DataConfig
 from kalm_lib.curation import curate, decontaminate, exact_dedup, length_filter, near_dedup, normalise
 from kalm_lib.layout import DATA_CARDS_DIR
@@ -50,6 +50,43 @@ def test_decontaminate_drops_words_texts_and_negatives():
     ])
     kept = decontaminate(f, frozenset({"beta"}), frozenset({"held-out text"}))
     assert kept["positive"].tolist() == ["alpha"]
+
+
+@pytest.mark.parametrize(
+    ("text", "word", "leaks"),
+    [
+        ("That flatters; as, a flattering speech.", "flattering", True),  # the word itself
+        ("To lay so as to form an imbricated surface.", "imbricate", True),  # e dropped before -ed
+        ("as, this goes to show.", "go", True),  # short words inflect too
+        ("called also Kuklux Klan and the Klan.", "ku klux klan", True),  # any spacing of its parts
+        ("An ice-cream cone.", "icecream", True),
+        ("Of or pertaining to psychiatry.", "psychiatric", False),  # a word sharing its stem is kept
+        ("That flatters (in the various senses of the verb).", "flattering", False),
+        ("A dicey cream.", "ice cream", False),  # whole tokens only
+    ],
+)
+def test_answer_rule(text, word, leaks):
+    assert contains_answer(text, word) is leaks
+
+
+def test_gcide_cleaning_drops_cross_references_markup_and_answers():
+    rows = {
+        ("opulency", "See Opulence."): False,
+        ("heard", "imp. & p. p. of Hear."): False,
+        ("walking", "a. & n. from Walk, v."): False,
+        ("manilla", "Same as Manila."): False,
+        ("tracer/y", "Ornamental stonework."): False,  # markup headword
+        ("cleavage", "Division into lamin [1913 Webster]"): False,  # markup definition
+        ("flask", "A small bottle-shaped vessel; as, a flask of oil."): False,  # contains its answer
+        ("flask", "A small bottle-shaped vessel for holding fluids."): True,
+        ("brownstone", "A building faced with sandstone{1}."): True,
+    }
+    frame = pd.DataFrame(list(rows), columns=["word", "definition"])
+    kept = clean_gcide(frame)
+    assert list(zip(kept["word"], kept["definition"])) == [
+        ("flask", "A small bottle-shaped vessel for holding fluids."),
+        ("brownstone", "A building faced with sandstone."),
+    ]
 
 
 def test_held_out_split_is_stable_and_sized():

@@ -127,7 +127,7 @@ def test_quality_table_by_hand():
 
 def test_pool_is_every_word_not_held_out_with_its_relations():
     sources = {"syn": pd.DataFrame({"word": ["a", "b"], "synonym": ["b", "c"]}), "gloss": pd.DataFrame({"word": ["d"], "gloss": ["x"]})}
-    pool = pool_table(sources, held_out=frozenset({"c"}))
+    pool = pool_table(sources, held_out_keys=frozenset({"c"}))
     assert pool["text"].tolist() == ["a", "b", "d"]
     assert [list(r) for r in pool["related"]] == [["b"], ["a", "c"], []]
 
