@@ -12,11 +12,16 @@ Each variant is a real papermill run of the series. A variant that changes nothi
 stage 2 (no ``data.*``, ``model.*`` or ``pretrain.*`` key) reuses the reference run's curated data
 and stage-1 checkpoint, so the comparison isolates the stage-2 trick and costs only stage 2.
 Seeds are the profile's ``finetune.seeds``: every variant trains the same seeds, so deltas are paired.
+Optional ``replicates`` run (some of) the variants again under extra overrides, e.g. a second
+curation seed (``data.sample_seed``); each replicate has its own reference run, deltas pair a
+variant with the reference of the same replicate and seed, and their intervals then include the
+replicate-to-replicate (curation) variance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,17 @@ from .runner import REPORT_NOTEBOOK, execute, render_report, run_series
 UPSTREAM_SECTIONS = ("data.", "model.", "pretrain.", "seed")
 
 
+REPLICATE_MARK = "@"
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Overrides (e.g. another curation seed) under which some variants of a grid run again."""
+
+    overrides: dict[str, Any]
+    variants: list[str]
+
+
 @dataclass(frozen=True)
 class Grid:
     """A parsed ablation grid."""
@@ -42,23 +58,77 @@ class Grid:
     profile: str
     reference: str
     variants: dict[str, dict[str, Any]]
+    replicates: dict[str, Replicate] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a grid: its folder name, variant, replicate ("" for none), the overrides it runs
+    with and the run whose curation and stage 1 it hard-links (None: its own series)."""
+
+    name: str
+    variant: str
+    replicate: str
+    overrides: dict[str, Any]
+    reuse_from: str | None
+
+
+def run_name(variant: str, replicate: str) -> str:
+    """Folder name of ``variant`` in ``replicate``: ``variant`` or ``variant@replicate``."""
+    return f"{variant}{REPLICATE_MARK}{replicate}" if replicate else variant
 
 
 def load_grid(path: Path) -> Grid:
-    """Read and validate a grid YAML (every variant's overrides are checked against the profile)."""
+    """Read and validate a grid YAML (every run's overrides are checked against the profile)::
+
+        profile: cpu
+        reference: full_recipe
+        variants: {full_recipe: {}, gamma_0: {finetune.focal_gamma: 0.0}}
+        replicates:                      # optional: the same variants again under other overrides
+          curation_seed_2: {overrides: {data.sample_seed: 2}, variants: [full_recipe, gamma_0]}
+    """
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - {"profile", "reference", "variants"})
+    unknown = sorted(set(raw) - {"profile", "reference", "variants", "replicates"})
     if unknown:
         raise ConfigError(f"{path}: unknown grid field(s) {unknown}")
-    variants = raw.get("variants") or {}
+    variants = {k: dict(v or {}) for k, v in (raw.get("variants") or {}).items()}
     reference = raw.get("reference", "")
     if reference not in variants:
         raise ConfigError(f"{path}: 'reference' must name one of the variants {sorted(variants)}")
-    for overrides in variants.values():
-        load_profile(raw.get("profile", "cpu"), overrides or {})
-    return Grid(raw.get("profile", "cpu"), reference, {k: dict(v or {}) for k, v in variants.items()})
+    replicates = {name: _replicate(path, name, entry, variants, reference) for name, entry in (raw.get("replicates") or {}).items()}
+    grid = Grid(raw.get("profile", "cpu"), reference, variants, replicates)
+    for run in plan_runs(grid):
+        if REPLICATE_MARK in run.variant:
+            raise ConfigError(f"{path}: variant name {run.variant!r} must not contain {REPLICATE_MARK!r}")
+        load_profile(grid.profile, run.overrides)
+    return grid
+
+
+def _replicate(path: Path, name: str, entry: Any, variants: dict[str, dict[str, Any]], reference: str) -> Replicate:
+    """One validated ``replicates`` entry (its variants default to all; the reference must be one)."""
+    if REPLICATE_MARK in name or not isinstance(entry, dict) or set(entry) - {"overrides", "variants"}:
+        raise ConfigError(f"{path}: replicates.{name} must be a mapping with 'overrides' and optional 'variants'")
+    members = list(entry.get("variants") or variants)
+    if reference not in members or set(members) - set(variants):
+        raise ConfigError(f"{path}: replicates.{name}.variants must include {reference!r} and name only variants {sorted(variants)}")
+    return Replicate(dict(entry.get("overrides") or {}), members)
+
+
+def plan_runs(grid: Grid) -> list[PlannedRun]:
+    """Every run of the grid in order: the reference, then the variants; then each replicate's
+    reference and variants. A variant that changes nothing upstream of stage 2 reuses the
+    reference of its own replicate."""
+    runs = []
+    groups = [("", {}, list(grid.variants))]
+    groups += [(name, rep.overrides, rep.variants) for name, rep in grid.replicates.items()]
+    for replicate, extra, members in groups:
+        for variant in [grid.reference, *(v for v in members if v != grid.reference)]:
+            own = variant == grid.reference or needs_own_upstream(grid.variants[variant])
+            runs.append(PlannedRun(run_name(variant, replicate), variant, replicate, {**extra, **grid.variants[variant]},
+                                   None if own else run_name(grid.reference, replicate)))
+    return runs
 
 
 def needs_own_upstream(overrides: dict[str, Any]) -> bool:
@@ -73,24 +143,25 @@ def variant_eval_overrides(reused: bool) -> dict[str, Any]:
 
 
 def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
-    """Run every variant (reference first) into ``runs_dir/name/<variant>``; return the grid folder."""
+    """Run every planned run (:func:`plan_runs`) not yet in ``runs_dir/name``, then the grid
+    report; return the grid folder."""
     layout = GridLayout(runs_dir / name)
     layout.root.mkdir(parents=True, exist_ok=True)
-    reference = layout.variant(grid.reference).root
-    if not reference.exists():
-        run_series(grid.profile, layout.root, grid.reference, grid.variants[grid.reference])
-    for variant, overrides in grid.variants.items():
-        if variant == grid.reference or layout.variant(variant).root.exists():
+    for run in plan_runs(grid):
+        if layout.variant(run.name).root.exists():
             continue
-        reuse = None if needs_own_upstream(overrides) else reference
-        run_series(grid.profile, layout.root, variant, {**overrides, **variant_eval_overrides(reuse is not None)}, reuse_from=reuse)
+        reuse = layout.variant(run.reuse_from).root if run.reuse_from else None
+        overrides = run.overrides if run.name == grid.reference else {**run.overrides, **variant_eval_overrides(reuse is not None)}
+        run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse)
+    reference = layout.variant(grid.reference).root
     parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],
                   "grid_dir": str(layout.root.resolve()), "grid_reference": grid.reference}
     seconds = execute(NOTEBOOKS_DIR / REPORT_NOTEBOOK, layout.report_notebook, parameters)
     render_report(layout.report_notebook, layout.report_html)
     manifest = {
-        "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants},
-        "runs": {variant: str(layout.variant(variant).manifest.relative_to(layout.root)) for variant in grid.variants},
+        "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants,
+                 "replicates": {k: dataclasses.asdict(v) for k, v in grid.replicates.items()}},
+        "runs": {run.name: str(layout.variant(run.name).manifest.relative_to(layout.root)) for run in plan_runs(grid)},
         "git": git_state(REPO_ROOT), "packages": package_versions(), "machine": machine_info(),
         "report_seconds": seconds, "finished_utc": datetime.now(UTC).isoformat(),
     }
@@ -98,10 +169,13 @@ def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
     return layout.root
 
 
-def run_scores(run_dir: Path, variant: str) -> pd.DataFrame:
-    """Main scores of one run: columns variant, model, seed (stage-2 seed or <NA>), task, score."""
+def run_scores(run_dir: Path, name: str) -> pd.DataFrame:
+    """Main scores of one run: columns variant, replicate ("" for none), model, seed (stage-2 seed
+    or <NA>), task, score; ``name`` is the run's grid name (``variant`` or ``variant@replicate``)."""
+    variant, _, replicate = name.partition(REPLICATE_MARK)
     scores = pd.read_csv(RunLayout(run_dir).mteb_scores)
-    table = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"}).assign(variant=variant)
+    table = scores[scores["is_main"]][["stage", "task", "score"]].rename(columns={"stage": "model"})
+    table = table.assign(variant=variant, replicate=replicate)
     table["seed"] = pd.array([stage2_seed(model) for model in table["model"]], dtype="Int64")
     return table.reset_index(drop=True)
 
@@ -123,29 +197,63 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def seed_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Per variant and task: mean single-checkpoint score and its paired delta vs the reference."""
+def _singles(table: pd.DataFrame) -> pd.DataFrame:
+    """Single stage-2 checkpoints (columns variant, replicate, seed, task, score), plus their task
+    average as task ``average``."""
     singles = table.dropna(subset=["seed"])
-    averaged = singles.groupby(["variant", "seed"])["score"].mean().reset_index().assign(task="average")
-    singles = pd.concat([singles[["variant", "seed", "task", "score"]], averaged], ignore_index=True)
-    base = singles[singles["variant"] == reference].set_index(["task", "seed"])["score"]
+    if "replicate" not in singles:
+        singles = singles.assign(replicate="")
+    keys = ["variant", "replicate", "seed"]
+    averaged = singles.groupby(keys)["score"].mean().reset_index().assign(task="average")
+    return pd.concat([singles[[*keys, "task", "score"]], averaged], ignore_index=True)
+
+
+def seed_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per variant and task: mean single-checkpoint score and its paired delta vs the reference.
+
+    A variant's checkpoint is paired with the reference checkpoint of the same replicate (e.g.
+    curation seed) and stage-2 seed; ``seeds`` counts the pairs, so with replicates the interval
+    spans curation and training variance together.
+    """
+    singles = _singles(table)
+    base = singles[singles["variant"] == reference].set_index(["task", "replicate", "seed"])["score"]
     rows = []
     for (variant, task), group in singles.groupby(["variant", "task"]):
-        paired = group.set_index("seed")["score"] - base.loc[task].reindex(group["seed"]).to_numpy()
+        keys = pd.MultiIndex.from_arrays([[task] * len(group), group["replicate"], group["seed"]])
+        paired = group["score"].to_numpy() - base.reindex(keys).to_numpy()
+        paired = paired[~np.isnan(paired)]
         mean, half = mean_ci(group["score"].to_numpy())
-        delta, delta_half = mean_ci(paired.to_numpy())
-        rows.append({"variant": variant, "task": task, "seeds": len(group), "score": mean, "ci95": half,
+        delta, delta_half = mean_ci(paired)
+        rows.append({"variant": variant, "task": task, "seeds": len(paired), "score": mean, "ci95": half,
                      "delta_vs_reference": delta, "delta_ci95": delta_half})
     return pd.DataFrame(rows)
 
 
-def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and task: each soup's score against the best single stage-2 checkpoint."""
+def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per replicate and task: the reference recipe under the replicate's overrides against the
+    reference itself, paired by stage-2 seed (how much e.g. another curation seed moves a score)."""
+    singles = _singles(table)
+    ref = singles[singles["variant"] == reference]
+    base = ref[ref["replicate"] == ""].set_index(["task", "seed"])["score"]
     rows = []
-    for (variant, task), group in table.groupby(["variant", "task"]):
+    for (replicate, task), group in ref[ref["replicate"] != ""].groupby(["replicate", "task"]):
+        keys = pd.MultiIndex.from_arrays([[task] * len(group), group["seed"]])
+        paired = group["score"].to_numpy() - base.reindex(keys).to_numpy()
+        delta, half = mean_ci(paired[~np.isnan(paired)])
+        rows.append({"replicate": replicate, "task": task, "seeds": int((~np.isnan(paired)).sum()),
+                     "delta_vs_reference": delta, "delta_ci95": half})
+    return pd.DataFrame(rows, columns=["replicate", "task", "seeds", "delta_vs_reference", "delta_ci95"])
+
+
+def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, replicate and task: each soup's score against the best single stage-2 checkpoint."""
+    if "replicate" not in table:
+        table = table.assign(replicate="")
+    rows = []
+    for (variant, replicate, task), group in table.groupby(["variant", "replicate", "task"]):
         singles = group[group["seed"].notna()]["score"]
         for _, soup in group[group["model"].map(is_soup_label)].iterrows():
-            rows.append({"variant": variant, "task": task, "soup": soup["model"], "soup_score": soup["score"],
+            rows.append({"variant": variant, "replicate": replicate, "task": task, "soup": soup["model"], "soup_score": soup["score"],
                          "best_single": singles.max(), "mean_single": singles.mean(),
                          "soup_minus_best": soup["score"] - singles.max()})
     return pd.DataFrame(rows)

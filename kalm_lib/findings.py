@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .ablations import mean_ci, seed_deltas
+from .ablations import mean_ci, replicate_deltas, seed_deltas
 from .bootstrap import paired_comparisons, read_per_item
 from .layout import BASE, BASE_NO_INSTRUCTION, STAGE1, RunLayout, soup_label, stage2_seed
 
@@ -49,13 +49,21 @@ def finding_row(finding: str, task: str, effect: float, half_or_bounds: float | 
 
 
 def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Every variant against the reference, per task and on the task average, paired by seed
-    (``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
+    """Every variant against the reference, per task and on the task average, paired by seed (and
+    replicate, when the grid has replicates); then each replicate's reference against the
+    reference (``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
+    replicated = "replicate" in table and (table["replicate"] != "").any()
+    unit = "(replicate, stage-2 seed) pairs" if replicated else "stage-2 seeds"
     deltas = seed_deltas(table, reference)
     rows = [
         finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.seeds),
-                    f"t over {int(row.seeds)} stage-2 seeds")
+                    f"t over {int(row.seeds)} {unit}")
         for row in deltas[deltas["variant"] != reference].itertuples()
+    ]
+    rows += [
+        finding_row(f"{reference}@{row.replicate} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95,
+                    int(row.seeds), f"t over {int(row.seeds)} stage-2 seeds")
+        for row in replicate_deltas(table, reference).itertuples()
     ]
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 

@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kalm_lib.ablations import collect, load_grid, mean_ci, needs_own_upstream, seed_deltas, soup_vs_best_single
+from kalm_lib.ablations import (
+    collect,
+    load_grid,
+    mean_ci,
+    needs_own_upstream,
+    plan_runs,
+    replicate_deltas,
+    seed_deltas,
+    soup_vs_best_single,
+)
 from kalm_lib.config import ConfigError
 from kalm_lib.layout import GRIDS_DIR, RunLayout
 from kalm_lib.outputs import write_output
@@ -93,3 +102,55 @@ def test_soup_vs_best_single(grid_dir):
 def test_collect_without_runs_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs"):
         collect(tmp_path)
+
+
+# --- replicates (e.g. a second curation seed) --------------------------------------------------
+
+def write_grid(tmp_path, text: str):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return load_grid(path)
+
+
+def test_replicates_plan_their_own_reference_and_reuse_it(tmp_path):
+    grid = write_grid(tmp_path, "profile: tiny\nreference: full\nvariants: {full: {}, g0: {finetune.focal_gamma: 0.0}, "
+                                "nos1: {pretrain.enabled: false}}\n"
+                                "replicates: {cs2: {overrides: {data.sample_seed: 2}, variants: [full, g0]}}\n")
+    plan = [(r.name, r.reuse_from, r.overrides) for r in plan_runs(grid)]
+    assert plan == [
+        ("full", None, {}), ("g0", "full", {"finetune.focal_gamma": 0.0}), ("nos1", None, {"pretrain.enabled": False}),
+        ("full@cs2", None, {"data.sample_seed": 2}), ("g0@cs2", "full@cs2", {"data.sample_seed": 2, "finetune.focal_gamma": 0.0}),
+    ]
+
+
+@pytest.mark.parametrize("replicates", [
+    "{cs2: {overrides: {data.sample_seed: 2}, variants: [g0]}}",      # without the reference
+    "{cs2: {overrides: {data.sample_seed: 2}, variants: [nope]}}",    # unknown variant
+    "{cs2: {overrides: {data.sample_sed: 2}}}",                       # unknown parameter
+    "{cs2: {data.sample_seed: 2}}",                                   # not {overrides, variants}
+])
+def test_bad_replicates_are_rejected(tmp_path, replicates):
+    with pytest.raises(ConfigError):
+        write_grid(tmp_path, f"profile: tiny\nreference: full\nvariants: {{full: {{}}, g0: {{}}}}\nreplicates: {replicates}\n")
+
+
+def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_path):
+    rows = {
+        "full": [("stage2_seed0", "A", 0.50), ("stage2_seed1", "A", 0.60)],
+        "g0": [("stage2_seed0", "A", 0.48), ("stage2_seed1", "A", 0.59)],
+        "full@cs2": [("stage2_seed0", "A", 0.40), ("stage2_seed1", "A", 0.70)],
+        "g0@cs2": [("stage2_seed0", "A", 0.37), ("stage2_seed1", "A", 0.70)],
+    }
+    for name, scores in rows.items():
+        write_scores(tmp_path / name, scores)
+    table = collect(tmp_path)
+    assert set(zip(table["variant"], table["replicate"])) == {("full", ""), ("g0", ""), ("full", "cs2"), ("g0", "cs2")}
+    deltas = seed_deltas(table, "full").set_index(["variant", "task"])
+    # g0 - full within each (replicate, seed): -0.02, -0.01, -0.03, 0.00
+    expected_mean, expected_half = mean_ci(np.array([-0.02, -0.01, -0.03, 0.0]))
+    assert deltas.loc[("g0", "A"), "seeds"] == 4
+    assert deltas.loc[("g0", "A"), "delta_vs_reference"] == pytest.approx(expected_mean)
+    assert deltas.loc[("g0", "A"), "delta_ci95"] == pytest.approx(expected_half)
+    curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
+    assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
+    assert curation.loc[("cs2", "A"), "seeds"] == 2
