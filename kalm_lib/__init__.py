@@ -1,6 +1,6 @@
 """kalm-study: the KaLM-Embedding-V2 training recipe as a small, tested library behind the notebooks.
 
-Module map, by layer (a module imports only from its own layer or the layers above it):
+Module map, by layer (a module imports only from its own layer or the layers listed before it):
 
 Foundation
     config          every knob of a run as validated dataclasses, filled from a profile YAML
@@ -8,26 +8,26 @@ Foundation
     outputs         the one writer of run-level files (main process only, temp name + rename)
     instructions    the KaLM instruction format, the one place it is spelled
     manifest        git state, package versions, machine and data hashes for run manifests
-
-Data
-    data_cards      source / derived / reference YAML cards, loaded and checked
-    sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets)
-    builders        source tables -> training examples and held-out evaluation payloads
-    curation        normalise, filter, de-duplicate, decontaminate, cap; write shards and cards
-    mining          hard negatives from a model's ranking of a candidate pool
+    distributed     rank / world and the gathers for cross-device negatives (autograd-aware and plain)
 
 Model
     bidirectional   drop a decoder's causal mask (transformers' own switch)
     pooling         mean / last-token / cls pooling over real tokens
     encoder         backbone + pooling + L2 norm; save / reload as a sentence-transformers folder
 
+Data
+    data_cards      source / derived / reference YAML cards, loaded and checked
+    sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets)
+    builders        source tables -> training examples and held-out evaluation payloads
+    curation        normalise, filter, de-duplicate, decontaminate, cap; write shards and cards
+    mining          hard negatives from the stage-1 model's ranking of a candidate pool; quality table
+
 Training
     batching        task-homogeneous batch plan (pure function of sizes, batch, steps, seed)
     chunking        length-sorted forward chunks under a padded-token budget
     grad_cache      GradCache: big contrastive batches in a chunk's activation memory
-    distributed     rank / world and the autograd-aware gather for cross-device negatives
     hard_negative_mixing   synthetic hard negatives per query (MoCHi-style)
-    losses          KalmContrastiveLoss: InfoNCE, focal reweighting, mixing
+    losses          KalmContrastiveLoss (InfoNCE, focal reweighting, mixing), MatryoshkaLoss
     training        one stage with accelerate: AdamW, schedule, exact resume
     soup            uniform and greedy parameter averaging
 

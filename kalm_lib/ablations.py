@@ -212,20 +212,23 @@ def seed_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per variant and task: mean single-checkpoint score and its paired delta vs the reference.
 
     A variant's checkpoint is paired with the reference checkpoint of the same replicate (e.g.
-    curation seed) and stage-2 seed; ``seeds`` counts the pairs, so with replicates the interval
-    spans curation and training variance together.
+    curation seed) and stage-2 seed. With one replicate the interval is the t interval of the
+    per-seed differences (``units`` = seeds). With several, the seeds of one replicate share its
+    curation and stage 1, so they are not independent: each replicate's differences are averaged
+    first and the interval is the t interval of those means (``units`` = replicates, R - 1 degrees
+    of freedom), which carries the curation-to-curation variance.
     """
     singles = _singles(table)
     base = singles[singles["variant"] == reference].set_index(["task", "replicate", "seed"])["score"]
     rows = []
     for (variant, task), group in singles.groupby(["variant", "task"]):
         keys = pd.MultiIndex.from_arrays([[task] * len(group), group["replicate"], group["seed"]])
-        paired = group["score"].to_numpy() - base.reindex(keys).to_numpy()
-        paired = paired[~np.isnan(paired)]
+        paired = pd.Series(group["score"].to_numpy() - base.reindex(keys).to_numpy(), index=group["replicate"].to_numpy()).dropna()
+        units = paired.groupby(level=0).mean() if paired.index.nunique() > 1 else paired
         mean, half = mean_ci(group["score"].to_numpy())
-        delta, delta_half = mean_ci(paired)
-        rows.append({"variant": variant, "task": task, "seeds": len(paired), "score": mean, "ci95": half,
-                     "delta_vs_reference": delta, "delta_ci95": delta_half})
+        delta, delta_half = mean_ci(units.to_numpy())
+        rows.append({"variant": variant, "task": task, "units": len(units), "replicates": paired.index.nunique(),
+                     "score": mean, "ci95": half, "delta_vs_reference": delta, "delta_ci95": delta_half})
     return pd.DataFrame(rows)
 
 
@@ -240,9 +243,9 @@ def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         keys = pd.MultiIndex.from_arrays([[task] * len(group), group["seed"]])
         paired = group["score"].to_numpy() - base.reindex(keys).to_numpy()
         delta, half = mean_ci(paired[~np.isnan(paired)])
-        rows.append({"replicate": replicate, "task": task, "seeds": int((~np.isnan(paired)).sum()),
+        rows.append({"replicate": replicate, "task": task, "units": int((~np.isnan(paired)).sum()),
                      "delta_vs_reference": delta, "delta_ci95": half})
-    return pd.DataFrame(rows, columns=["replicate", "task", "seeds", "delta_vs_reference", "delta_ci95"])
+    return pd.DataFrame(rows, columns=["replicate", "task", "units", "delta_vs_reference", "delta_ci95"])
 
 
 def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:

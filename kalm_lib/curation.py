@@ -301,9 +301,7 @@ def write_curated(result: CurationResult, layout: RunLayout) -> pd.DataFrame:
     """Write shards (Parquet), eval payloads (JSON), filled cards and the summary table."""
     for name, frame in result.train.items():
         card = result.cards[name]
-        path = layout.shard(card.stage, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path, index=False)
+        path = write_output(frame, layout.shard(card.stage, name))
         _write_filled_card(card, len(frame), path, layout)
     for name, task in result.evals.items():
         card = result.cards[name]

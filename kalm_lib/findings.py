@@ -20,7 +20,7 @@ import pandas as pd
 
 from .ablations import mean_ci, replicate_deltas, seed_deltas
 from .bootstrap import paired_comparisons, read_per_item
-from .layout import BASE, BASE_NO_INSTRUCTION, STAGE1, RunLayout, soup_label, stage2_seed
+from .layout import BASE, BASE_NO_INSTRUCTION, SINGLE_PREFIX, STAGE1, RunLayout, soup_label, stage2_seed
 
 FINDING_COLUMNS = ["finding", "task", "effect", "ci_low", "ci_high", "n", "interval", "reading"]
 
@@ -52,17 +52,16 @@ def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Every variant against the reference, per task and on the task average, paired by seed (and
     replicate, when the grid has replicates); then each replicate's reference against the
     reference (``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
-    replicated = "replicate" in table and (table["replicate"] != "").any()
-    unit = "(replicate, stage-2 seed) pairs" if replicated else "stage-2 seeds"
     deltas = seed_deltas(table, reference)
     rows = [
-        finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.seeds),
-                    f"t over {int(row.seeds)} {unit}")
+        finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.units),
+                    f"t over {int(row.units)} " + ("replicate means of seed-paired differences" if row.replicates > 1
+                                                   else "stage-2 seeds"))
         for row in deltas[deltas["variant"] != reference].itertuples()
     ]
     rows += [
         finding_row(f"{reference}@{row.replicate} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95,
-                    int(row.seeds), f"t over {int(row.seeds)} stage-2 seeds")
+                    int(row.units), f"t over {int(row.units)} stage-2 seeds")
         for row in replicate_deltas(table, reference).itertuples()
     ]
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
@@ -96,18 +95,29 @@ def bootstrap_findings(run_dir: Path, pairs: dict[str, tuple[str, str]], n_resam
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 
+def best_single_by_validation(layout: RunLayout) -> str:
+    """Label of the stage-2 checkpoint with the best validation score in the soup trace ("" when
+    the run has no trace)."""
+    if not layout.soup_trace.is_file():
+        return ""
+    trace = pd.read_csv(layout.soup_trace)
+    singles = trace[trace["soup"].str.startswith(SINGLE_PREFIX)]
+    return "" if singles.empty else singles.loc[singles["validation"].idxmax(), "soup"].removeprefix(SINGLE_PREFIX)
+
+
 def run_findings(run_dir: Path, n_resamples: int = 2000) -> pd.DataFrame:
     """The findings of one run: stage 1 against the base model (with and without instructions) and
-    the soups against single checkpoints, paired over queries / pairs; stage 2 against stage 1,
+    the soups against the single checkpoint that scored best on the *validation* split (the one a
+    user would pick without the test set), paired over queries / pairs; stage 2 against stage 1,
     paired over seeds. Clustering has no per-item scores: it enters the seed-paired rows only."""
-    scores = pd.read_csv(RunLayout(run_dir).mteb_scores)
+    layout = RunLayout(run_dir)
+    scores = pd.read_csv(layout.mteb_scores)
     main = scores[scores["is_main"] & ~scores["stage"].str.contains("@")]
-    singles = main[main["stage"].map(stage2_seed).notna()]
-    best = singles.groupby("stage")["score"].mean().idxmax() if not singles.empty else ""
+    best = best_single_by_validation(layout)
     pairs = {
         "stage 1 vs base (instructed)": (BASE, STAGE1),
         "stage 1 vs base (no instructions)": (BASE_NO_INSTRUCTION, STAGE1),
-        f"greedy soup vs best single ({best})": (best, soup_label("greedy")),
-        f"uniform soup vs best single ({best})": (best, soup_label("uniform")),
+        f"greedy soup vs best single by validation ({best})": (best, soup_label("greedy")),
+        f"uniform soup vs best single by validation ({best})": (best, soup_label("uniform")),
     }
     return pd.concat([bootstrap_findings(run_dir, pairs, n_resamples), stage2_vs_stage1(main)], ignore_index=True)

@@ -52,6 +52,7 @@ BASE_NO_INSTRUCTION = "base_no_instruction"  # the same weights scored on bare t
 STAGE1 = "stage1"
 STAGE2_PREFIX = "stage2_seed"
 SOUP_PREFIX = "soup_"
+SINGLE_PREFIX = "single:"  # soup-trace rows that score one stage-2 checkpoint on the validation split
 MANIFEST = "manifest.json"
 REPORT_HTML = "report.html"
 REPORT_NOTEBOOK = "report.ipynb"

@@ -99,11 +99,15 @@ class KalmContrastiveLoss(nn.Module):
         generator: torch RNG for the mixing draws (None: the global RNG).
 
     Inputs:
-        ``forward(queries [B, D], positives [B, D], negatives [B, M, D] | None, in_batch_negatives)``:
+        ``forward(queries [B, D], positives [B, D], negatives [B, M, D] | None, in_batch_negatives,
+        keys)``:
         embeddings of this process's shard, L2-normalised (M may be 0). Positives and negatives are
         gathered from every process with gradient, so B is the local and B x world the global
         batch. ``in_batch_negatives=False`` (classification-style sets) keeps only row i's own
-        positive and hard negatives. :meth:`from_stacked` takes [queries; positives; negatives
+        positive and hard negatives. ``keys`` (:class:`TextKeys`, optional): integer keys of the
+        texts (equal key = equal text); a candidate other than row i's own positive column whose key
+        equals row i's positive key is masked (a repeated positive is no negative), and mixing takes
+        each distinct text at most once among a row's hardest negatives. :meth:`from_stacked` takes [queries; positives; negatives
         grouped by query] as one tensor, the order a training step embeds them in.
         Returns a scalar: the mean over local rows (processes average it through DDP).
 
@@ -116,9 +120,10 @@ class KalmContrastiveLoss(nn.Module):
           query into hard negatives, which :mod:`kalm_lib.hard_negative_mixing` follows.
 
     Relations:
-        With ``focal_gamma=0`` and ``mixing=None`` on one process, the loss equals
-        sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature``
-        (cosine similarity, the same candidates), as ``tests/test_losses.py`` checks.
+        With ``focal_gamma=0``, ``mixing=None`` and no ``keys`` (or no repeated positive) on one
+        process, the loss equals sentence-transformers' ``MultipleNegativesRankingLoss`` with
+        ``scale = 1 / temperature`` (cosine similarity, the same candidates), as
+        ``tests/test_losses.py`` checks. :class:`MatryoshkaLoss` sums it over embedding prefixes.
 
     Example::
 

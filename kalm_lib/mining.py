@@ -5,10 +5,12 @@ samples negatives from the window of ranks [rank_min, rank_max): close enough to
 enough down the list to rarely be unlabelled positives. The authors' released mining script
 (HITsz-TMG/KaLM-Embedding, ``hn_mine.py``) is followed where it says what it does:
 
-* the query text itself and the row's known positives are never negatives; we also ban every
-  word related (synonym) to any word of the row, in both directions;
+* the query text itself and the row's positive are never negatives; we also ban every word
+  related (synonym) to either, in both directions, and compare by
+  :func:`~kalm_lib.builders.word_key`, so "folk tale" is banned with "folktale". Given negatives
+  (antonyms) are kept;
 * ranking-consistency filter: a row whose positive scores below the candidate at the window's
-  start (the model already ranks >= rank_min other candidates above the answer) is dropped;
+  start (more than rank_min other candidates rank above the answer) is dropped;
 * rows short of negatives are padded with random pool candidates instead of cutting every row
   to the shortest one.
 
@@ -41,6 +43,7 @@ from .layout import RunLayout
 from .outputs import write_output
 
 _TIE_BITS = 32  # pool indices live in the low bits of the ranking key
+MAX_DECIMALS = 8  # |score| <= 1, so round(score * 10^8) fits the 31 bits above them
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class MiningConfig:
     count: int  # M: negatives per row (given ones such as antonyms first)
     rank_min: int  # window [rank_min, rank_max) of the ranked pool, after banned candidates are removed
     rank_max: int
-    score_decimals: int = 4  # scores rounded to this many decimals before ranking (float-noise guard)
+    score_decimals: int = 4  # scores rounded to this many decimals before ranking (float-noise guard), 0..8
     consistency_filter: bool = True  # drop rows whose positive ranks below the window start
     block_queries: int = 512  # queries scored at once
     block_pool: int = 16384  # pool candidates scored at once
@@ -64,6 +67,8 @@ class MiningConfig:
             raise ValueError(f"mining: need 0 <= rank_min < rank_max, got [{self.rank_min}, {self.rank_max})")
         if self.block_queries < 1 or self.block_pool < 1:
             raise ValueError("mining: block sizes must be >= 1")
+        if not 0 <= self.score_decimals <= MAX_DECIMALS:  # the ranking key holds scores * 10^d in 31 bits
+            raise ValueError(f"mining: score_decimals must lie in [0, {MAX_DECIMALS}], got {self.score_decimals}")
 
 
 @dataclass
@@ -144,13 +149,20 @@ def _on_grid(score: float, decimals: int) -> int:
     return round(float(score) * 10**decimals)
 
 
-def banned_texts(row_words: Sequence[str], query: str, positive: str, related: Mapping[str, set[str]]) -> set[str]:
-    """Candidates a row must never get as negatives: its query text, its positive, the words it
-    touches and every word related (e.g. synonym) to any of them."""
-    banned = {query, positive, *row_words}
-    for word in list(banned):
-        banned |= related.get(word, set())
-    return banned
+def related_by_key(related: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """A word -> related words map re-keyed by :func:`~kalm_lib.builders.word_key` on both sides
+    (spellings of one word pool their relations)."""
+    keyed: dict[str, set[str]] = {}
+    for word, others in related.items():
+        keyed.setdefault(word_key(word), set()).update(word_key(o) for o in others)
+    return keyed
+
+
+def banned_keys(query: str, positive: str, related: Mapping[str, set[str]]) -> set[str]:
+    """Word keys a row must never get as negatives: its query text, its positive and every word
+    related to either (``related`` keyed as :func:`related_by_key` returns it)."""
+    keys = {word_key(query), word_key(positive)}
+    return keys.union(*(related.get(k, set()) for k in list(keys)))
 
 
 def mine_hard_negatives(
@@ -169,8 +181,9 @@ def mine_hard_negatives(
     holds too few candidates is padded with random pool candidates. Queries are encoded with the
     card's instruction, candidates with it only for symmetric cards (documents stay bare).
     """
-    related = related or {}
+    related = related_by_key(related or {})
     pool = sorted(set(pool) | set(frame["positive"]) | {n for negs in frame["negatives"] for n in negs})
+    pool_keys = [word_key(text) for text in pool]
     if len(pool) <= cfg.rank_min:
         raise ValueError(f"{card.name}: candidate pool of {len(pool)} is not larger than rank_min={cfg.rank_min}")
     doc_instruction = card.instruction if card.symmetric else ""
@@ -181,28 +194,26 @@ def mine_hard_negatives(
     ranked = top_ranked(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg)
 
     keep, mined, padded = [], [], 0
-    for row, (query, positive, given, words) in enumerate(
-        zip(frame["query"], frame["positive"], frame["negatives"], frame["words"])
-    ):
-        banned = banned_texts(list(words), query, positive, related)
-        order = [i for i in ranked[row] if pool[i] not in banned]
+    for row, (query, positive, given) in enumerate(zip(frame["query"], frame["positive"], frame["negatives"])):
+        banned = banned_keys(query, positive, related)
+        order = [i for i in ranked[row] if pool_keys[i] not in banned]
         window = sorted(order[cfg.rank_min : cfg.rank_max])  # pool order: membership matters, not rank
         if cfg.consistency_filter and len(order) > cfg.rank_min:
             start = query_vecs[row] @ pool_vecs[order[cfg.rank_min]]
             if _on_grid(positive_scores[row], cfg.score_decimals) < _on_grid(start, cfg.score_decimals):
                 continue
         rng = np.random.default_rng([cfg.seed, row])
-        chosen = [n for n in dict.fromkeys(given) if n not in banned][: cfg.count]
-        picks = [pool[i] for i in rng.permutation(window) if pool[i] not in chosen]
+        chosen = [n for n in dict.fromkeys(given) if word_key(n) not in banned][: cfg.count]
+        taken = banned | {word_key(n) for n in chosen}
+        picks = [pool[i] for i in rng.permutation(window) if pool_keys[i] not in taken]
         chosen += picks[: cfg.count - len(chosen)]
         if len(chosen) < cfg.count:
             padded += 1
-            chosen += _random_candidates(pool, banned | set(chosen), cfg.count - len(chosen), rng)
+            chosen += _random_candidates(pool, pool_keys, taken | {word_key(n) for n in chosen}, cfg.count - len(chosen), rng)
         keep.append(row)
         mined.append(chosen)
     out = frame.iloc[keep].copy()
     out["negatives"] = mined
-    out["words"] = [list(dict.fromkeys([*w, *n])) for w, n in zip(out["words"], mined)]
     out = out.reset_index(drop=True)
     vectors = (query_vecs[keep], pool_vecs, position)
     return MiningResult(
@@ -214,12 +225,16 @@ def mine_hard_negatives(
     )
 
 
-def _random_candidates(pool: Sequence[str], banned: set[str], count: int, rng: np.random.Generator) -> list[str]:
-    """``count`` distinct random pool candidates outside ``banned`` (fewer if the pool runs out)."""
+def _random_candidates(pool: Sequence[str], keys: Sequence[str], banned: set[str], count: int,
+                       rng: np.random.Generator) -> list[str]:
+    """``count`` random pool candidates with distinct word keys outside ``banned`` (fewer if the
+    pool runs out)."""
     picks: list[str] = []
+    taken = set(banned)
     for index in rng.permutation(len(pool)):
-        if pool[index] not in banned:
+        if keys[index] not in taken:
             picks.append(pool[index])
+            taken.add(keys[index])
             if len(picks) == count:
                 break
     return picks

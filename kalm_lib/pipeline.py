@@ -25,9 +25,10 @@ from .bidirectional import first_token_sensitivity
 from .builders import word_key
 from .config import ConfigError, ModelConfig, Profile, load_profile
 from .curation import curate, load_train_sets, sample_seed, task_texts, write_curated
+from .data_cards import DataCardError, load_cards
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
-from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, STAGE1, RunLayout, soup_label, stage2_label
+from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import is_main_process, write_output
@@ -74,24 +75,34 @@ def run_mining(profile: Profile, run_dir: Path) -> pd.DataFrame:
 
     Every stage-2 set with in-batch semantics (not classification) is re-ranked against the pool of
     all non-held-out words plus its own positives; the mined shard and its card replace the
-    curated ones for training. Returns (and writes) the mining-quality table.
+    curated ones for training (mining always starts from the curated shard, so running it again
+    gives the same result). A set that mining leaves smaller than one stage-2 batch stops the run,
+    naming the set. Returns (and writes) the mining-quality table.
     """
     layout = RunLayout(run_dir)
     encoder = encoder_from_checkpoint(layout.stage1.final, profile.model)
+    seed = sample_seed(profile.data, profile.seed)
     pool = pd.read_parquet(layout.mining_pool)
     related = {text: set(words) for text, words in zip(pool["text"], pool["related"]) if len(words)}
     if profile.data.mining_pool_max:
-        pool = pool.sample(n=min(profile.data.mining_pool_max, len(pool)), random_state=profile.seed).sort_values("text")
+        pool = pool.sample(n=min(profile.data.mining_pool_max, len(pool)), random_state=seed).sort_values("text")
     cfg = MiningConfig(
         count=profile.data.hard_negatives, rank_min=profile.data.hard_negative_rank_min,
         rank_max=profile.data.hard_negative_rank_max, score_decimals=profile.data.mining_score_decimals,
-        consistency_filter=profile.data.mining_consistency_filter, seed=sample_seed(profile.data, profile.seed),
+        consistency_filter=profile.data.mining_consistency_filter, seed=seed,
     )
     rows, samples = [], []
-    for name, (frame, card) in load_train_sets(layout, "finetune").items():
+    for name, card in load_cards(layout.cards, check_inputs=False).items():
         if not needs_mining(card):
             continue
+        frame = pd.read_parquet(layout.shard(card.stage, name))
         mined = mine_hard_negatives(frame, card, encoder, pool["text"].tolist(), cfg, related, profile.evaluation.batch_size)
+        if len(mined.frame) < profile.finetune.batch_size:
+            raise DataCardError(
+                f"{card.path}: mining kept {len(mined.frame)} of {len(frame)} rows of {name!r} "
+                f"({mined.dropped_inconsistent} dropped by the ranking-consistency filter), fewer than one stage-2 batch "
+                f"({profile.finetune.batch_size}); widen data.hard_negative_rank_min/max or set data.mining_consistency_filter=false"
+            )
         write_mined(mined.frame, card, layout)
         rows.append({"set": name, "rows_in": len(frame), "rows_out": len(mined.frame),
                      "dropped_inconsistent": mined.dropped_inconsistent, "padded_rows": mined.padded_rows, **mined.quality})
@@ -201,7 +212,8 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
         elif method == "greedy":
             greedy = greedy_soup(states, score)
             state, chosen = greedy.state, greedy.chosen
-            rows += [{"soup": f"single:{checkpoints[i].parent.name}", "chosen": [i], "validation": v} for i, v in enumerate(greedy.singles)]
+            rows += [{"soup": f"{SINGLE_PREFIX}{checkpoints[i].parent.name}", "chosen": [i], "validation": v}
+                     for i, v in enumerate(greedy.singles)]
             rows += [{"soup": "greedy-step", "chosen": [step["candidate"]], "validation": step["score"], "kept": step["kept"]}
                      for step in greedy.trace]
             rows.append({"soup": "greedy", "chosen": chosen, "validation": greedy.score})

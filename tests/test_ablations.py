@@ -24,8 +24,8 @@ from kalm_lib.outputs import write_output
 def test_shipped_grids_validate():
     grid = load_grid(GRIDS_DIR / "cpu-findings.yaml")
     assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
-    assert {"gamma_0", "gamma_1", "gamma_2", "no_mixing", "no_matryoshka", "curation_seed_2", "no_stage1",
-            "last_token_pooling"} <= set(grid.variants)
+    assert {"gamma_0", "gamma_1", "gamma_2", "no_mixing", "no_matryoshka", "no_stage1", "last_token_pooling"} <= set(grid.variants)
+    assert grid.replicates["curation_seed_2"].overrides == {"data.sample_seed": 2}
     assert "causal_attention" in load_grid(GRIDS_DIR / "gpu-ablations.yaml").variants
     for path in sorted((GRIDS_DIR).glob("*.yaml")):  # every override names a real field
         shipped = load_grid(path)
@@ -139,18 +139,19 @@ def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_
         "full": [("stage2_seed0", "A", 0.50), ("stage2_seed1", "A", 0.60)],
         "g0": [("stage2_seed0", "A", 0.48), ("stage2_seed1", "A", 0.59)],
         "full@cs2": [("stage2_seed0", "A", 0.40), ("stage2_seed1", "A", 0.70)],
-        "g0@cs2": [("stage2_seed0", "A", 0.37), ("stage2_seed1", "A", 0.70)],
+        "g0@cs2": [("stage2_seed0", "A", 0.36), ("stage2_seed1", "A", 0.70)],
     }
     for name, scores in rows.items():
         write_scores(tmp_path / name, scores)
     table = collect(tmp_path)
     assert set(zip(table["variant"], table["replicate"])) == {("full", ""), ("g0", ""), ("full", "cs2"), ("g0", "cs2")}
     deltas = seed_deltas(table, "full").set_index(["variant", "task"])
-    # g0 - full within each (replicate, seed): -0.02, -0.01, -0.03, 0.00
-    expected_mean, expected_half = mean_ci(np.array([-0.02, -0.01, -0.03, 0.0]))
-    assert deltas.loc[("g0", "A"), "seeds"] == 4
+    # g0 - full within each (replicate, seed): -0.02, -0.01 | -0.04, 0.00 -> replicate means -0.015, -0.02;
+    # the interval is over the replicate means (seeds of one curation are not independent).
+    expected_mean, expected_half = mean_ci(np.array([-0.015, -0.02]))
+    assert deltas.loc[("g0", "A"), "units"] == 2 and deltas.loc[("g0", "A"), "replicates"] == 2
     assert deltas.loc[("g0", "A"), "delta_vs_reference"] == pytest.approx(expected_mean)
     assert deltas.loc[("g0", "A"), "delta_ci95"] == pytest.approx(expected_half)
     curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
     assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
-    assert curation.loc[("cs2", "A"), "seeds"] == 2
+    assert curation.loc[("cs2", "A"), "units"] == 2

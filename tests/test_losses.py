@@ -336,3 +336,48 @@ def test_matryoshka_is_the_weighted_sum_over_truncated_renormalised_embeddings()
     for dims, weights in (([4, 6], [1, 1]), ([6], [1, 1]), ([6], [0.0])):
         with pytest.raises(ValueError, match="matryoshka"):
             MatryoshkaLoss(base, dims, weights)
+
+
+def test_distinct_allowed_keeps_each_rows_first_allowed_copy_of_a_text():
+    from kalm_lib.losses import distinct_allowed
+
+    keys = torch.tensor([5, 3, 5, 7, 3, 5])
+    allowed = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 1]]).bool()
+    expected = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]]).bool()
+    assert torch.equal(distinct_allowed(allowed, keys), expected)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # against a plain loop
+        keys = torch.randint(0, 4, (9,), generator=g)
+        allowed = torch.rand(5, 9, generator=g) < 0.6
+        loop = torch.zeros_like(allowed)
+        for i in range(5):
+            seen = set()
+            for j in range(9):
+                if allowed[i, j] and int(keys[j]) not in seen:
+                    loop[i, j] = True
+                    seen.add(int(keys[j]))
+        assert torch.equal(distinct_allowed(allowed, keys), loop)
+
+
+def test_mixing_takes_a_repeated_negative_text_once(monkeypatch):
+    # Row 0's two hardest candidates are one text (the same negative in two rows): mixing must not
+    # take both, or its pair mixes would mix the negative with itself.
+    from kalm_lib import losses
+    from kalm_lib.hard_negative_mixing import MixingConfig
+    from kalm_lib.losses import TextKeys
+
+    q = unit([0.0, 2.0])
+    p = unit([1.5, 3.5])
+    n = unit([[0.1], [0.1]])
+    keys = TextKeys(torch.tensor([1, 2]), torch.tensor([[9], [9]]))
+    seen = []
+    real = losses.hardest_negatives
+
+    def spy(queries, candidates, allowed, top_k):
+        seen.append(allowed.clone())
+        return real(queries, candidates, allowed, top_k)
+
+    monkeypatch.setattr(losses, "hardest_negatives", spy)
+    KalmContrastiveLoss(0.05, 0.0, MixingConfig(top_k=2, pairs=1, query_mixes=0))(q, p, n, keys=keys)
+    (allowed,) = seen
+    assert allowed[0, 2] and not allowed[0, 3]  # the first copy of text 9 only

@@ -7,8 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kalm_lib.builders import synonym_triples
 from kalm_lib.data_cards import DataCard
-from kalm_lib.mining import MiningConfig, banned_texts, mine_hard_negatives, mining_quality, pool_table, top_ranked
+from kalm_lib.mining import (
+    MiningConfig,
+    banned_keys,
+    mine_hard_negatives,
+    mining_quality,
+    pool_table,
+    related_by_key,
+    top_ranked,
+)
 
 QUERY_MARK = "\n Query: "
 
@@ -82,7 +91,27 @@ def test_bans_the_query_text_and_the_synonyms_of_every_word_of_the_row():
     mined = mine_hard_negatives(rows, card(symmetric=True), TableEncoder(table), names, cfg, related).frame
     assert not {"bank", "shore", "depository"} & set(mined["negatives"][0])
     assert "riverside" in mined["negatives"][0]  # the genuinely close, unrelated word is kept
-    assert banned_texts(["bank"], "bank", "depository", related) == {"bank", "depository", "shore"}
+    assert banned_keys("bank", "depository", related_by_key(related)) == {"bank", "depository", "shore"}
+
+
+def test_spellings_of_the_positive_are_banned_and_given_antonyms_kept():
+    # Real builder rows: "hot" -> "warm" with the antonym "cold" in both negatives and words. The
+    # antonym must stay the first negative; "Warm" / "war-m" spellings of the positive are banned.
+    sources = {
+        "oewn_synonyms": pd.DataFrame({"word": ["hot"], "synonym": ["warm"]}),
+        "oewn_antonyms": pd.DataFrame({"word": ["hot"], "antonym": ["cold"]}),
+    }
+    rows = synonym_triples(sources)
+    assert rows["words"][0] == ["hot", "warm", "cold"] and rows["negatives"][0] == ["cold"]
+    names = ["hot", "warm", "Warm", "war-m", "cold", "tepid", "x1", "x2", "x3"]
+    table = dict(zip(names, unit_rows(np.random.default_rng(7), len(names), 16)))
+    for spelling in ("Warm", "war-m"):
+        table[spelling] = table["hot"] * 0.999 + 0.001 * table["x1"]  # the nearest candidates of "hot"
+    cfg = MiningConfig(count=3, rank_min=0, rank_max=2, consistency_filter=False)
+    mined = mine_hard_negatives(rows, card(symmetric=True), TableEncoder(table), names, cfg).frame
+    negatives = mined["negatives"][0]
+    assert negatives[0] == "cold" and len(negatives) == 3
+    assert not {"hot", "warm", "Warm", "war-m"} & set(negatives)
 
 
 def test_consistency_filter_drops_rows_whose_positive_ranks_below_the_window():
