@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. kalm_lib/grids/cpu-findings.yaml")
     grid.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
+    grid.add_argument("--report-only", action="store_true", help="render the grid report from the runs already there")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
@@ -116,7 +117,7 @@ def _notebook_command(label: str, start: Callable[[], Path]) -> int:
 
     try:
         folder = start()
-    except (ConfigError, DataCardError, FileExistsError) as exc:
+    except (ConfigError, DataCardError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PapermillExecutionError as exc:
@@ -131,7 +132,7 @@ def _grid(args: argparse.Namespace) -> int:
     """``grid`` subcommand."""
     from .ablations import load_grid, run_grid
 
-    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name))
+    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name, args.report_only))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -142,13 +142,16 @@ def variant_eval_overrides(reused: bool) -> dict[str, Any]:
     return {"evaluation.quantizations": [], "evaluation.skip_upstream_models": reused}
 
 
-def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
+def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False) -> Path:
     """Run every planned run (:func:`plan_runs`) not yet in ``runs_dir/name``, then the grid
-    report; return the grid folder."""
+    report; return the grid folder. ``report_only`` renders the report from the runs already
+    there (the manifest lists which), e.g. for a grid stopped part of the way."""
     layout = GridLayout(runs_dir / name)
     layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.variant(grid.reference).root.exists() and report_only:
+        raise FileNotFoundError(f"{layout.root}: the reference run {grid.reference!r} is not there yet")
     for run in plan_runs(grid):
-        if layout.variant(run.name).root.exists():
+        if report_only or layout.variant(run.name).root.exists():
             continue
         reuse = layout.variant(run.reuse_from).root if run.reuse_from else None
         overrides = run.overrides if run.name == grid.reference else {**run.overrides, **variant_eval_overrides(reuse is not None)}
@@ -161,7 +164,9 @@ def run_grid(grid: Grid, runs_dir: Path, name: str) -> Path:
     manifest = {
         "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants,
                  "replicates": {k: dataclasses.asdict(v) for k, v in grid.replicates.items()}},
-        "runs": {run.name: str(layout.variant(run.name).manifest.relative_to(layout.root)) for run in plan_runs(grid)},
+        "runs": {run.name: str(layout.variant(run.name).manifest.relative_to(layout.root))
+                 for run in plan_runs(grid) if layout.variant(run.name).manifest.is_file()},
+        "missing_runs": [run.name for run in plan_runs(grid) if not layout.variant(run.name).manifest.is_file()],
         "git": git_state(REPO_ROOT), "packages": package_versions(), "machine": machine_info(),
         "report_seconds": seconds, "finished_utc": datetime.now(UTC).isoformat(),
     }

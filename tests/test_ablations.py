@@ -155,3 +155,11 @@ def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_
     curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
     assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
     assert curation.loc[("cs2", "A"), "units"] == 2
+
+
+def test_report_only_needs_the_reference_run(tmp_path):
+    from kalm_lib.ablations import run_grid
+
+    grid = write_grid(tmp_path, "profile: tiny\nreference: full\nvariants: {full: {}, g0: {finetune.focal_gamma: 0.0}}\n")
+    with pytest.raises(FileNotFoundError, match="reference run 'full' is not there yet"):
+        run_grid(grid, tmp_path / "runs", "partial", report_only=True)

@@ -1,6 +1,8 @@
 """The ablation grid end to end on the tiny profile (shares the session's tiny run)."""
 
 import json
+import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -38,3 +40,17 @@ def test_grid_report_and_manifest(tiny_grid):
     assert "no_focal vs full" in html  # the grid's findings, first in the report
     assert html.index("Findings") < html.index("Evidence")
     assert html.count("data:image/png;base64") >= 4
+
+
+def test_report_only_renders_from_the_runs_present(tiny_grid, tmp_path):
+    from kalm_lib.ablations import load_grid, run_grid
+
+    spec = tmp_path / "grid.yaml"  # the fixture's grid plus a variant that never ran
+    spec.write_text("profile: tiny\nreference: full\nvariants:\n  full: {}\n  no_focal: {finetune.focal_gamma: 0.0}\n"
+                    "  gamma_2: {finetune.focal_gamma: 2.0}\n")
+    copy = tmp_path / "runs" / tiny_grid.name  # hard-linked: the shared fixture's report stays as it is
+    shutil.copytree(tiny_grid, copy, copy_function=os.link)
+    folder = run_grid(load_grid(spec), copy.parent, copy.name, report_only=True)
+    manifest = json.loads(GridLayout(folder).manifest.read_text())
+    assert manifest["missing_runs"] == ["gamma_2"] and set(manifest["runs"]) == {"full", "no_focal"}
+    assert not GridLayout(folder).variant("gamma_2").root.exists()
