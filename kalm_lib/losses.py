@@ -46,6 +46,22 @@ def unstack(embeddings: Tensor, batch_size: int, negatives_per_query: int) -> tu
     return queries, positives, negatives
 
 
+class StackedLoss(nn.Module):
+    """A contrastive loss that can also take one stacked tensor, the order a training step embeds in."""
+
+    def from_stacked(
+        self,
+        embeddings: Tensor,
+        batch_size: int,
+        negatives_per_query: int,
+        in_batch_negatives: bool = True,
+        keys: TextKeys | None = None,
+    ) -> Tensor:
+        """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
+        queries, positives, negatives = unstack(embeddings, batch_size, negatives_per_query)
+        return self(queries, positives, negatives, in_batch_negatives, keys)
+
+
 def distinct_allowed(allowed: Tensor, keys: Tensor) -> Tensor:
     """[B, C] ``allowed`` keeping, per row, only the first allowed column of every distinct key.
 
@@ -78,7 +94,7 @@ def focal_infonce(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
     return -(weight * log_p).mean()
 
 
-class KalmContrastiveLoss(nn.Module):
+class KalmContrastiveLoss(StackedLoss):
     """InfoNCE with in-batch and hard negatives, focal-style reweighting and hard-negative mixing.
 
     For query i with unit-norm embedding q_i, own positive p_i+, logits over every allowed candidate
@@ -185,18 +201,6 @@ class KalmContrastiveLoss(nn.Module):
             logits = torch.cat([logits, torch.einsum("bd,bmd->bm", queries, synthetic)], dim=1)
         return focal_infonce(logits / self.temperature, own, self.focal_gamma)
 
-    def from_stacked(
-        self,
-        embeddings: Tensor,
-        batch_size: int,
-        negatives_per_query: int,
-        in_batch_negatives: bool = True,
-        keys: TextKeys | None = None,
-    ) -> Tensor:
-        """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
-        queries, positives, negatives = unstack(embeddings, batch_size, negatives_per_query)
-        return self(queries, positives, negatives, in_batch_negatives, keys)
-
     @staticmethod
     def _not_a_copy_of_the_positive(candidate_keys: Tensor, positive_keys: Tensor, own: Tensor) -> Tensor:
         """[B, candidates] False where a candidate other than the row's own positive column is the
@@ -220,7 +224,7 @@ class KalmContrastiveLoss(nn.Module):
         return allowed
 
 
-class MatryoshkaLoss(nn.Module):
+class MatryoshkaLoss(StackedLoss):
     """A contrastive loss summed over nested prefixes of the embedding (Matryoshka representations).
 
     For dims d_1 > d_2 > ... and weights w_k, with t_d(x) = x[:d] / ||x[:d]|| (the first d
@@ -288,15 +292,3 @@ class MatryoshkaLoss(nn.Module):
             cut = [None if x is None else F.normalize(x[..., :dim], dim=-1) for x in (queries, positives, negatives)]
             total = total + weight * self.base(*cut, in_batch_negatives, keys)
         return total
-
-    def from_stacked(
-        self,
-        embeddings: Tensor,
-        batch_size: int,
-        negatives_per_query: int,
-        in_batch_negatives: bool = True,
-        keys: TextKeys | None = None,
-    ) -> Tensor:
-        """Loss for embeddings stacked as [queries; positives; negatives grouped by query]."""
-        queries, positives, negatives = unstack(embeddings, batch_size, negatives_per_query)
-        return self(queries, positives, negatives, in_batch_negatives, keys)

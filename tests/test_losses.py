@@ -268,6 +268,21 @@ def test_docstring_example_runs() -> None:
 
 # --- repeated positives (a headword with several definitions) ----------------------------------
 
+@pytest.fixture
+def mixing_masks(monkeypatch):
+    """The candidate masks the loss hands to ``hardest_negatives``, one per call."""
+    from kalm_lib import losses
+
+    seen = []
+    real = losses.hardest_negatives
+
+    def spy(queries, candidates, allowed, top_k):
+        seen.append(allowed.clone())
+        return real(queries, candidates, allowed, top_k)
+
+    monkeypatch.setattr(losses, "hardest_negatives", spy)
+    return seen
+
 def test_a_repeated_positive_is_no_negative_of_its_rows():
     # Rows 0 and 2 share the positive text (one headword, two definitions). Without keys, row 0's
     # denominator counts row 2's copy of its own answer as a negative; with keys that column is
@@ -290,7 +305,7 @@ def test_a_repeated_positive_is_no_negative_of_its_rows():
     assert abs(unmasked - loss) > 1e-2  # the copy mattered
 
 
-def test_mixing_never_picks_a_copy_of_the_positive(monkeypatch):
+def test_mixing_never_picks_a_copy_of_the_positive(mixing_masks):
     # Row 1's positive is the same text as row 0's and the most similar other candidate of q_0:
     # with keys, q_0's hardest negative must not be it.
     from kalm_lib.hard_negative_mixing import MixingConfig
@@ -300,18 +315,8 @@ def test_mixing_never_picks_a_copy_of_the_positive(monkeypatch):
     p = unit([0.01, 0.01])
     n = unit([[3.0], [2.5]])
     keys = TextKeys(torch.tensor([7, 7]), torch.tensor([[1], [2]]))
-    seen = []
-    from kalm_lib import losses
-
-    real = losses.hardest_negatives
-
-    def spy(queries, candidates, allowed, top_k):
-        seen.append(allowed.clone())
-        return real(queries, candidates, allowed, top_k)
-
-    monkeypatch.setattr(losses, "hardest_negatives", spy)
     KalmContrastiveLoss(0.05, 0.0, MixingConfig(top_k=1, pairs=0, query_mixes=1))(q, p, n, keys=keys)
-    (allowed,) = seen
+    (allowed,) = mixing_masks
     assert not allowed[0, 1] and not allowed[1, 0]  # the other copy of the positive is out for both rows
 
 
@@ -359,10 +364,9 @@ def test_distinct_allowed_keeps_each_rows_first_allowed_copy_of_a_text():
         assert torch.equal(distinct_allowed(allowed, keys), loop)
 
 
-def test_mixing_takes_a_repeated_negative_text_once(monkeypatch):
+def test_mixing_takes_a_repeated_negative_text_once(mixing_masks):
     # Row 0's two hardest candidates are one text (the same negative in two rows): mixing must not
     # take both, or its pair mixes would mix the negative with itself.
-    from kalm_lib import losses
     from kalm_lib.hard_negative_mixing import MixingConfig
     from kalm_lib.losses import TextKeys
 
@@ -370,14 +374,6 @@ def test_mixing_takes_a_repeated_negative_text_once(monkeypatch):
     p = unit([1.5, 3.5])
     n = unit([[0.1], [0.1]])
     keys = TextKeys(torch.tensor([1, 2]), torch.tensor([[9], [9]]))
-    seen = []
-    real = losses.hardest_negatives
-
-    def spy(queries, candidates, allowed, top_k):
-        seen.append(allowed.clone())
-        return real(queries, candidates, allowed, top_k)
-
-    monkeypatch.setattr(losses, "hardest_negatives", spy)
     KalmContrastiveLoss(0.05, 0.0, MixingConfig(top_k=2, pairs=1, query_mixes=0))(q, p, n, keys=keys)
-    (allowed,) = seen
+    (allowed,) = mixing_masks
     assert allowed[0, 2] and not allowed[0, 3]  # the first copy of text 9 only
