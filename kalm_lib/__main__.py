@@ -103,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
     grid.add_argument("--report-only", action="store_true", help="render the grid report from the runs already there")
+    findings = sub.add_parser("findings", help="print a run's (and its grid's) findings as a Markdown table")
+    findings.add_argument("--run-dir", type=Path, required=True, help="a complete run folder (a grid's reference run)")
+    findings.add_argument("--grid-dir", type=Path, default=None, help="the grid folder, to add every variant against the reference")
+    findings.add_argument("--reference", default="full_recipe", help="the grid's reference variant")
     args = parser.parse_args(argv)
+    if args.command == "findings":
+        return _findings(args)
     if args.command == "train":
         return _train(args)
     if args.command == "grid":
@@ -125,6 +131,23 @@ def _notebook_command(label: str, start: Callable[[], Path]) -> int:
         return 1
     print(f"{label} complete: {folder}")
     print(f"report: {RunLayout(folder).report_html}")
+    return 0
+
+
+def _findings(args: argparse.Namespace) -> int:
+    """``findings`` subcommand: the grid's findings (if any), then the run's, as Markdown."""
+    import pandas as pd
+
+    from .ablations import collect
+    from .findings import findings_markdown, grid_findings, run_findings
+
+    try:
+        tables = [grid_findings(collect(args.grid_dir), args.reference)] if args.grid_dir else []
+        tables.append(run_findings(args.run_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(findings_markdown(pd.concat(tables, ignore_index=True)), end="")
     return 0
 
 

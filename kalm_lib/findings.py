@@ -121,3 +121,14 @@ def run_findings(run_dir: Path, n_resamples: int = 2000) -> pd.DataFrame:
         f"uniform soup vs best single by validation ({best})": (best, soup_label("uniform")),
     }
     return pd.concat([bootstrap_findings(run_dir, pairs, n_resamples), stage2_vs_stage1(main)], ignore_index=True)
+
+
+def findings_markdown(findings: pd.DataFrame, digits: int = 4) -> str:
+    """The findings as a Markdown table: finding, task, effect and 95% interval, n, interval kind."""
+    lines = ["| finding | task | effect | 95% interval | n | interval |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in findings.itertuples():
+        span = "–" if np.isnan(row.ci_low) else f"[{row.ci_low:+.{digits}f}, {row.ci_high:+.{digits}f}]"
+        measurable = not np.isnan(row.ci_low) and (row.ci_low > 0 or row.ci_high < 0)
+        effect = f"**{row.effect:+.{digits}f}**" if measurable else f"{row.effect:+.{digits}f}"
+        lines.append(f"| {row.finding} | {row.task} | {effect} | {span} | {row.n} | {row.interval} |")
+    return "\n".join(lines) + "\n"

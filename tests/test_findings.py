@@ -45,3 +45,23 @@ def test_grid_findings_pair_variants_with_the_reference_by_seed():
     half = T_975_2 * np.std([-0.018, -0.02, -0.022], ddof=1) / math.sqrt(3)
     assert rows.loc["A", "ci_high"] == pytest.approx(-0.02 + half)
     assert rows.loc["A", "reading"].startswith("v vs ref lowers A by 0.0200")
+
+
+def test_markdown_table_bolds_measurable_effects_only():
+    from kalm_lib.findings import finding_row, findings_markdown
+
+    rows = pd.DataFrame([finding_row("a vs b", "T", 0.02, 0.01, 3, "t over 3 stage-2 seeds"),
+                         finding_row("c vs b", "T", 0.02, 0.05, 3, "t over 3 stage-2 seeds"),
+                         finding_row("d vs b", "T", 0.02, (math.nan, math.nan), 1, "single")])
+    lines = findings_markdown(rows).splitlines()
+    assert lines[0] == "| finding | task | effect | 95% interval | n | interval |"
+    assert lines[2] == "| a vs b | T | **+0.0200** | [+0.0100, +0.0300] | 3 | t over 3 stage-2 seeds |"
+    assert lines[3] == "| c vs b | T | +0.0200 | [-0.0300, +0.0700] | 3 | t over 3 stage-2 seeds |"
+    assert lines[4] == "| d vs b | T | +0.0200 | – | 1 | single |"
+
+
+def test_findings_command_reports_a_missing_run(tmp_path, capsys):
+    from kalm_lib.__main__ import main
+
+    assert main(["findings", "--run-dir", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
