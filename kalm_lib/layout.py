@@ -241,8 +241,9 @@ class GridLayout:
         return RunLayout(self.root / name)
 
     def variant_runs(self) -> list[RunLayout]:
-        """Every variant folder holding evaluation scores, sorted by name."""
-        runs = (RunLayout(path) for path in sorted(self.root.iterdir()) if path.is_dir())
+        """Every complete variant folder holding evaluation scores, sorted by name (a run still
+        being written, under the incomplete prefix, is left out)."""
+        runs = (RunLayout(p) for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(INCOMPLETE_PREFIX))
         return [run for run in runs if run.mteb_scores.is_file()]
 
     @property
