@@ -292,7 +292,7 @@ def _curate_train(
     return frame
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -315,7 +315,7 @@ def write_curated(result: CurationResult, layout: RunLayout) -> pd.DataFrame:
 
 def _write_filled_card(card: DataCard, size: int, path: Path, layout: RunLayout) -> None:
     """The card with the written file's size, SHA-256 and path (relative to ``data/``)."""
-    filled = card.filled(size=size, sha256=_sha256(path), file=str(path.relative_to(layout.data)))
+    filled = card.filled(size=size, sha256=file_sha256(path), file=str(path.relative_to(layout.data)))
     write_card(filled, layout.card(card.name))
 
 

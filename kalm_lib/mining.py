@@ -26,7 +26,6 @@ top-k per query, never the queries x pool matrix.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import pandas as pd
 import torch
 
 from .builders import word_key
+from .curation import file_sha256
 from .data_cards import DataCard, write_card
 from .encoder import Encoder
 from .instructions import format_instructed
@@ -112,7 +112,7 @@ def write_mined(frame: pd.DataFrame, card: DataCard, layout: RunLayout) -> None:
     write_output(frame, path)
     record = card.filled()
     record.update(record.pop("extra", {}))
-    record.update(size=len(frame), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    record.update(size=len(frame), sha256=file_sha256(path),
                   file=str(path.relative_to(layout.data)), mined_with="stage1")
     write_card(record, layout.card(card.name))
 
