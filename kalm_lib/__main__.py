@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     grid.add_argument("--name", required=True, help="grid folder name under --runs-dir (re-running resumes missing variants)")
     grid.add_argument("--report-only", action="store_true", help="render the grid report from the runs already there")
+    grid.add_argument("--only", default=None, metavar="RUN[,RUN...]",
+                      help="run only these planned runs, in this order (e.g. full_recipe,full_recipe@curation_seed_2); "
+                           "the others stay missing until the grid is started again")
     findings = sub.add_parser("findings", help="print a run's (and its grid's) findings as a Markdown table")
     findings.add_argument("--run-dir", type=Path, required=True, help="a complete run folder (a grid's reference run)")
     findings.add_argument("--grid-dir", type=Path, default=None, help="the grid folder, to add every variant against the reference")
@@ -155,7 +158,8 @@ def _grid(args: argparse.Namespace) -> int:
     """``grid`` subcommand."""
     from .ablations import load_grid, run_grid
 
-    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name, args.report_only))
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name, args.report_only, only))
 
 
 def _run(args: argparse.Namespace) -> int:

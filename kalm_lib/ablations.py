@@ -142,17 +142,38 @@ def variant_eval_overrides(reused: bool) -> dict[str, Any]:
     return {"evaluation.quantizations": [], "evaluation.skip_upstream_models": reused}
 
 
-def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False) -> Path:
-    """Run every planned run (:func:`plan_runs`) not yet in ``runs_dir/name``, then the grid
-    report; return the grid folder. ``report_only`` renders the report from the runs already
-    there (the manifest lists which), e.g. for a grid stopped part of the way."""
+def select_runs(grid: Grid, only: list[str] | None, done: set[str]) -> list[PlannedRun]:
+    """The runs to execute now: every planned run not in ``done`` (plan order), or, with ``only``,
+    those named there in that order (e.g. a second curation seed before the other variants when
+    time is short). A run whose upstream run is neither done nor earlier in the list is refused."""
+    planned = {run.name: run for run in plan_runs(grid)}
+    if only is None:
+        return [run for run in planned.values() if run.name not in done]
+    unknown = [name for name in only if name not in planned]
+    if unknown:
+        raise ConfigError(f"--only names unknown run(s) {unknown}; the grid plans {list(planned)}")
+    selected, ready = [], set(done)
+    for name in dict.fromkeys(only):
+        run = planned[name]
+        if run.reuse_from and run.reuse_from not in ready:
+            raise ConfigError(f"--only: {name!r} reuses {run.reuse_from!r}, which is neither done nor listed before it")
+        ready.add(name)
+        if name not in done:
+            selected.append(run)
+    return selected
+
+
+def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False, only: list[str] | None = None) -> Path:
+    """Run the planned runs (:func:`plan_runs`) not yet in ``runs_dir/name`` (with ``only``: those
+    named, in that order; :func:`select_runs`), then the grid report; return the grid folder.
+    ``report_only`` renders the report from the runs already there (the manifest lists which and
+    which are missing), e.g. for a grid stopped part of the way."""
     layout = GridLayout(runs_dir / name)
     layout.root.mkdir(parents=True, exist_ok=True)
     if not layout.variant(grid.reference).root.exists() and report_only:
         raise FileNotFoundError(f"{layout.root}: the reference run {grid.reference!r} is not there yet")
-    for run in plan_runs(grid):
-        if report_only or layout.variant(run.name).root.exists():
-            continue
+    done = {run.name for run in plan_runs(grid) if layout.variant(run.name).root.exists()}
+    for run in [] if report_only else select_runs(grid, only, done):
         reuse = layout.variant(run.reuse_from).root if run.reuse_from else None
         overrides = run.overrides if run.name == grid.reference else {**run.overrides, **variant_eval_overrides(reuse is not None)}
         run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse)

@@ -14,6 +14,7 @@ from kalm_lib.ablations import (
     plan_runs,
     replicate_deltas,
     seed_deltas,
+    select_runs,
     soup_vs_best_single,
 )
 from kalm_lib.config import ConfigError
@@ -122,6 +123,19 @@ def test_replicates_plan_their_own_reference_and_reuse_it(tmp_path):
         ("full", None, {}), ("g0", "full", {"finetune.focal_gamma": 0.0}), ("nos1", None, {"pretrain.enabled": False}),
         ("full@cs2", None, {"data.sample_seed": 2}), ("g0@cs2", "full@cs2", {"data.sample_seed": 2, "finetune.focal_gamma": 0.0}),
     ]
+
+
+def test_only_runs_the_named_runs_in_order_after_their_upstream(tmp_path):
+    grid = write_grid(tmp_path, "profile: tiny\nreference: full\nvariants: {full: {}, g0: {finetune.focal_gamma: 0.0}, "
+                                "nos1: {pretrain.enabled: false}}\n"
+                                "replicates: {cs2: {overrides: {data.sample_seed: 2}, variants: [full, g0]}}\n")
+    assert [r.name for r in select_runs(grid, None, {"full"})] == ["g0", "nos1", "full@cs2", "g0@cs2"]
+    assert [r.name for r in select_runs(grid, ["full", "full@cs2", "g0@cs2", "g0"], set())] == ["full", "full@cs2", "g0@cs2", "g0"]
+    assert [r.name for r in select_runs(grid, ["full", "g0"], {"full"})] == ["g0"]
+    with pytest.raises(ConfigError, match="reuses 'full@cs2'"):
+        select_runs(grid, ["g0@cs2", "full@cs2"], {"full"})
+    with pytest.raises(ConfigError, match="unknown run"):
+        select_runs(grid, ["full", "nope"], set())
 
 
 @pytest.mark.parametrize("replicates", [
