@@ -1,6 +1,8 @@
 """Command line.
 
-``python -m kalm_lib run --profile cpu`` runs the whole notebook series.
+``python -m kalm_lib run --profile cpu`` runs the whole notebook series;
+``python -m kalm_lib run --resume NAME`` continues an interrupted one (killed, preempted, out of
+disk) where it stopped, with the profile and overrides it started with.
 
 ``python -m kalm_lib train --profile P --run-dir D --stage {pretrain,mine,finetune}`` runs one
 stage on a run folder curated by notebook 00 (``pipeline.run_curation``): stage-1 training, mining
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -85,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kalm_lib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook series with papermill")
-    run.add_argument("--profile", default="cpu", help="profile name (kalm_lib/profiles) or YAML path")
+    run.add_argument("--profile", default=None, help="profile name (kalm_lib/profiles) or YAML path (default: cpu)")
     run.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     run.add_argument("--name", default=None, help="run folder name (default: profile + UTC time)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a profile parameter, e.g. --set finetune.focal_gamma=0")
+    run.add_argument("--resume", default=None, metavar="NAME",
+                     help="continue the interrupted run NAME (its folder under --runs-dir still has the incomplete prefix) "
+                          "with its own profile and overrides")
     train = sub.add_parser("train", help="run one training stage on a curated run folder (accelerate launch entry point)")
     train.add_argument("--profile", required=True, help="profile name (kalm_lib/profiles) or YAML path")
     train.add_argument("--run-dir", type=Path, required=True, help="run folder whose data/ notebook 00 wrote")
@@ -120,17 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args)
 
 
-def _notebook_command(label: str, start: Callable[[], Path]) -> int:
-    """Run ``start`` (a papermill-driven command), turning errors into messages and exit codes."""
+def _notebook_command(label: str, start: Callable[[], Path], resume_hint: str = "") -> int:
+    """Run ``start`` (a papermill-driven command), turning errors into messages and exit codes;
+    a failed notebook prints ``resume_hint`` (how to continue once the cause is fixed)."""
     from papermill.exceptions import PapermillExecutionError
+
+    from .series_progress import AlteredRunError
 
     try:
         folder = start()
-    except (ConfigError, DataCardError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, DataCardError, FileExistsError, FileNotFoundError, AlteredRunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PapermillExecutionError as exc:
         print(f"error in notebook cell {exc.exec_count}: {exc.ename}: {exc.evalue}", file=sys.stderr)
+        if resume_hint:
+            print(resume_hint, file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a full or read-only disk: the run stays incomplete
+        print(f"error: {exc}", file=sys.stderr)
+        if resume_hint:
+            print(resume_hint, file=sys.stderr)
         return 1
     print(f"{label} complete: {folder}")
     print(f"report: {RunLayout(folder).report_html}")
@@ -159,14 +175,29 @@ def _grid(args: argparse.Namespace) -> int:
     from .ablations import load_grid, run_grid
 
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name, args.report_only, only))
+    return _notebook_command("grid", lambda: run_grid(load_grid(args.grid), args.runs_dir, args.name, args.report_only, only),
+                             "the grid keeps its runs; the same grid command continues it (an interrupted variant resumes)")
 
 
 def _run(args: argparse.Namespace) -> int:
     """``run`` subcommand (papermill is imported lazily: ``train`` processes do not need it)."""
-    from .runner import run_series
+    from .runner import resume_series, run_series
 
-    return _notebook_command("run", lambda: run_series(args.profile, args.runs_dir, args.name, parse_overrides(args.overrides)))
+    if args.resume:
+        if args.profile or args.overrides or args.name:
+            print("error: --resume NAME takes the profile, overrides and name the run started with; "
+                  "drop --profile/--set/--name", file=sys.stderr)
+            return 2
+        return _notebook_command("run", lambda: resume_series(args.runs_dir, args.resume), _resume_hint(args.resume, args.runs_dir))
+    name = args.name or f"{Path(args.profile or 'cpu').stem}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    return _notebook_command("run", lambda: run_series(args.profile or "cpu", args.runs_dir, name, parse_overrides(args.overrides)),
+                             _resume_hint(name, args.runs_dir))
+
+
+def _resume_hint(name: str, runs_dir: Path) -> str:
+    """What to type to continue run ``name`` after an interruption."""
+    where = "" if runs_dir == RUNS_DIR else f" --runs-dir {runs_dir}"
+    return f"the run keeps its folder; once the cause is fixed continue it with: python -m kalm_lib run --resume {name}{where}"
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ import yaml
 from scipy import stats
 
 from .config import ConfigError, load_profile
-from .layout import NOTEBOOKS_DIR, REPO_ROOT, GridLayout, RunLayout, is_soup_label, stage2_seed
+from .layout import NOTEBOOKS_DIR, REPO_ROOT, GridLayout, RunLayout, incomplete_run, is_soup_label, stage2_seed
 from .manifest import git_state, machine_info, package_versions
 from .outputs import write_output
 from .runner import REPORT_NOTEBOOK, execute, render_report, run_series
@@ -176,7 +176,8 @@ def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False, o
     for run in [] if report_only else select_runs(grid, only, done):
         reuse = layout.variant(run.reuse_from).root if run.reuse_from else None
         overrides = run.overrides if run.name == grid.reference else {**run.overrides, **variant_eval_overrides(reuse is not None)}
-        run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse)
+        interrupted = incomplete_run(layout.root, run.name).is_dir()
+        run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse, resume=interrupted)
     reference = layout.variant(grid.reference).root
     parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],
                   "grid_dir": str(layout.root.resolve()), "grid_reference": grid.reference}

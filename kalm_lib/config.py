@@ -87,7 +87,9 @@ class TrainConfig:
     mixing_query_beta_max: float = 0.5  # query share beta ~ U(0, beta_max) in those, <= 0.5
     matryoshka_dims: list[int] = field(default_factory=list)  # [] = off; else loss summed over these embedding prefixes
     matryoshka_weights: list[float] = field(default_factory=list)  # one weight per matryoshka dim
+    grad_clip: float = 1.0  # max global gradient norm (clipped before every optimizer step)
     checkpoint_every: int = 0  # > 0: save a resumable state every this many steps
+    keep_checkpoints: int = 2  # newest resumable state_<step> folders a stage keeps while it runs
     log_every: int = 10  # steps between progress callbacks
     seeds: list[int] = field(default_factory=lambda: [0])  # stage 2: one run per seed (the soup's ingredients)
 

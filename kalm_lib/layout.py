@@ -5,7 +5,9 @@ a :class:`RunLayout`, :class:`GridLayout` or :class:`StageLayout`, and the repos
 are the constants below. A run folder::
 
     <runs>/<name>/                 (written as <runs>/.incomplete-<name>/ until complete)
-      manifest.json                profile, parameters, seed, git, packages, machine, timings
+      manifest.json                profile, parameters, seed, git, packages, machine, timings, resumes
+      series_progress.json         while incomplete: notebooks done, their outputs' SHA-256, resumes
+      .runner.lock                 held by the runner writing the folder
       report.html                  the rendered report notebook
       notebooks/NN_*.ipynb         the executed series
       data/                        notebook 00
@@ -18,7 +20,7 @@ are the constants below. A run folder::
         cards/<set>.yaml           filled data cards (size, sha256, file)
         curation_summary.csv       rows surviving each step, per set
       checkpoints/                 notebooks 02-04
-        stage1/final               (a stage folder: StageLayout)
+        stage1/final               (a stage folder: StageLayout; state_<step>/ while it trains)
         stage2_seed<S>/final
         soup_<method>
       metrics/                     one file per stage
@@ -57,6 +59,8 @@ MANIFEST = "manifest.json"
 REPORT_HTML = "report.html"
 REPORT_NOTEBOOK = "report.ipynb"
 HISTORY_SUFFIX = "_history.json"
+SERIES_PROGRESS = "series_progress.json"
+RUNNER_LOCK = ".runner.lock"
 
 
 def stage2_label(seed: int) -> str:
@@ -119,6 +123,16 @@ class RunLayout:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+    @property
+    def series_progress(self) -> Path:
+        """The runner's record of completed notebooks and their outputs (for ``run --resume``)."""
+        return self.root / SERIES_PROGRESS
+
+    @property
+    def runner_lock(self) -> Path:
+        """Lock file the runner holds while it writes the folder (a second runner is refused)."""
+        return self.root / RUNNER_LOCK
 
     # --- data (notebook 00) -----------------------------------------------------------------
     @property

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -52,3 +54,35 @@ def write_output(payload: object, path: Path) -> Path | None:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(partial: Path, path: Path) -> Path:
+    """Move a fully written folder ``partial`` to ``path`` (replacing an older ``path``): the
+    folder appears at ``path`` complete or not at all. Main process only."""
+    if path.exists():
+        stale = path.with_name(f".{path.name}.replaced")
+        shutil.rmtree(stale, ignore_errors=True)
+        path.rename(stale)
+        partial.rename(path)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(path)
+    return path
+
+
+def partial_folder(path: Path) -> Path:
+    """The temporary name a folder for ``path`` is written under before :func:`replace_folder`
+    (the same on every process, so collective writers such as ``accelerator.save_state`` agree)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_folder(path: Path, fill: Callable[[Path], object]) -> Path | None:
+    """Write a folder (e.g. a saved model) from the main process: ``fill`` writes into a partial
+    folder, which is then renamed to ``path``; a crash leaves no half-written ``path``."""
+    if not is_main_process():
+        return None
+    partial = partial_folder(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fill(partial)
+    return replace_folder(partial, path)

@@ -15,6 +15,7 @@ Notebook 06 reads them back through :mod:`kalm_lib.report`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,17 +24,17 @@ import torch
 
 from .bidirectional import first_token_sensitivity
 from .builders import word_key
-from .config import ConfigError, ModelConfig, Profile, load_profile
+from .config import ConfigError, ModelConfig, Profile, TrainConfig, load_profile
 from .curation import curate, load_train_sets, sample_seed, task_texts, write_curated
 from .data_cards import DataCardError, load_cards
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
-from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, soup_label, stage2_label
+from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, StageLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
-from .outputs import is_main_process, write_output
+from .outputs import write_folder, write_output
 from .soup import average_states, greedy_soup, load_state
-from .training import StageResult, train_stage
+from .training import StageResult, TrainSets, latest_state, prune_states, train_stage
 
 DEMO_DECODER = {
     "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -154,12 +155,27 @@ def run_pretraining(profile: Profile, run_dir: Path) -> StageResult:
     torch.manual_seed(profile.seed)  # a randomly initialised backbone starts from the profile's seed
     encoder = load_encoder(profile.model)
     if not profile.pretrain.enabled:
-        if is_main_process():
-            encoder.save(layout.stage1.final)
+        write_folder(layout.stage1.final, encoder.save)
         return StageResult(final_dir=layout.stage1.final)
     sets = load_train_sets(layout, "pretrain")
-    result = train_stage(encoder, sets, profile.pretrain, layout.stage1.root, profile.seed, profile.model.bf16)
-    write_output(result.history, layout.history(STAGE1))
+    return train_resumable(encoder, sets, profile.pretrain, layout.stage1, layout.history(STAGE1), profile.seed, profile.model.bf16)
+
+
+def train_resumable(encoder: Encoder, sets: TrainSets, cfg: TrainConfig, stage: StageLayout, history: Path,
+                    seed: int, bf16: bool) -> StageResult:
+    """Train one stage so that an interrupted run (``kalm_lib run --resume``) loses little: a stage
+    whose final model and history are written is not trained again; otherwise training continues
+    from the stage's newest complete state (none: from step 0). The states are deleted once the
+    history is written."""
+    if stage.final.is_dir() and history.is_file():
+        print(f"{stage.root.name}: already trained in this run ({stage.final}); kept")
+        return StageResult(history=json.loads(history.read_text()), final_dir=stage.final)
+    resume = latest_state(stage)
+    if resume is not None:
+        print(f"{stage.root.name}: resuming from {resume.name}")
+    result = train_stage(encoder, sets, cfg, stage.root, seed, bf16, resume_from=resume)
+    write_output(result.history, history)
+    prune_states(stage, keep=0)
     return result
 
 
@@ -174,9 +190,8 @@ def run_finetuning(profile: Profile, run_dir: Path) -> list[StageResult]:
     results = []
     for seed in profile.finetune.seeds:
         encoder = encoder_from_checkpoint(layout.stage1.final, profile.model)
-        result = train_stage(encoder, sets, profile.finetune, layout.stage2(seed).root, seed, profile.model.bf16)
-        write_output(result.history, layout.history(stage2_label(seed)))
-        results.append(result)
+        results.append(train_resumable(encoder, sets, profile.finetune, layout.stage2(seed), layout.history(stage2_label(seed)),
+                                       seed, profile.model.bf16))
     return results
 
 
@@ -220,8 +235,7 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
         else:
             raise ValueError(f"soup.methods: unknown method {method!r} (uniform, greedy)")
         template.backbone.load_state_dict(state)
-        if is_main_process():
-            template.save(layout.soup(method))
+        write_folder(layout.soup(method), template.save)
     trace = pd.DataFrame(rows)
     write_output(trace, layout.soup_trace)
     return trace

@@ -2,14 +2,19 @@
 
 The run is written to an incomplete folder (:func:`kalm_lib.layout.incomplete_run`) and renamed to
 ``<runs>/<name>`` only when every notebook has run, the report is rendered and the manifest is
-written: a folder without the incomplete prefix is always a complete run.
+written: a folder without the incomplete prefix is always a complete run. An interrupted run
+(killed, preempted, out of disk) keeps its incomplete folder and continues with
+``python -m kalm_lib run --resume NAME`` (:func:`resume_series`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,10 @@ from nbconvert import HTMLExporter
 
 from .config import load_profile
 from .encoder import resolve_model_path
-from .layout import NOTEBOOKS_DIR, REPO_ROOT, RunLayout, incomplete_run
+from .layout import NOTEBOOKS_DIR, REPO_ROOT, RUNS_DIR, RunLayout, incomplete_run
 from .manifest import data_hashes, git_state, machine_info, package_versions
 from .outputs import write_output
+from .series_progress import AlteredRunError, SeriesProgress, altered_outputs
 
 REPORT_NOTEBOOK = "06_ablations_report.ipynb"
 
@@ -89,12 +95,19 @@ def run_series(
     notebooks: list[Path] | None = None,
     kernel_name: str = "python3",
     reuse_from: Path | None = None,
+    resume: bool = False,
 ) -> Path:
     """Run every notebook for ``profile``; return the completed run folder.
 
     With ``reuse_from`` (a finished run of the same data and stage-1 settings), notebooks 00-02 are
     not re-executed: their outputs are hard-linked from that run and the manifest says so.
+    With ``resume``, the interrupted run ``name`` continues (:func:`resume_series`); without it, an
+    interrupted run of that name is never deleted: the error says how to resume it.
     """
+    if resume:
+        if name is None:
+            raise ValueError("resume needs the run's name")
+        return resume_series(runs_dir, name, notebooks, kernel_name)
     overrides = dict(overrides or {})
     resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
     if not resolved.model.random_init:
@@ -104,35 +117,85 @@ def run_series(
     if final.exists():
         raise FileExistsError(f"run folder already exists: {final}")
     work = incomplete_run(runs_dir, name)
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():
+        raise FileExistsError(
+            f"an interrupted run {name!r} is at {work}: continue it with `python -m kalm_lib run --resume {name}`"
+            f"{f' --runs-dir {runs_dir}' if runs_dir != RUNS_DIR else ''}, or delete that folder to start over"
+        )
+    RunLayout(work).notebooks.mkdir(parents=True)
+    with runner_lock(work):
+        progress = SeriesProgress(name, profile, overrides, datetime.now(UTC).isoformat(), git_state(REPO_ROOT),
+                                  str(reuse_from) if reuse_from else None)
+        progress.write(work)
+        progress.reused = reuse_upstream(reuse_from, work) if reuse_from else []
+        progress.write(work)
+        return _finish_series(work, final, progress, notebooks, kernel_name)
+
+
+def resume_series(runs_dir: Path, name: str, notebooks: list[Path] | None = None, kernel_name: str = "python3") -> Path:
+    """Continue the interrupted run ``name`` with the profile and overrides it started with:
+    completed notebooks are not run again (their recorded outputs are checked first, see
+    :func:`kalm_lib.series_progress.altered_outputs`); the interrupted one starts again and its
+    training stages continue from their newest complete state. The manifest lists every resume."""
+    final, work = runs_dir / name, incomplete_run(runs_dir, name)
+    if final.exists():
+        raise FileExistsError(f"run {name!r} is already complete: {final}")
+    if not work.is_dir():
+        raise FileNotFoundError(f"no interrupted run {name!r} to resume: {work} does not exist")
+    with runner_lock(work):
+        progress = SeriesProgress.read(work)
+        load_profile(progress.profile, progress.overrides)
+        altered = altered_outputs(work, progress)
+        if altered:
+            raise AlteredRunError(f"cannot resume {work}: outputs of completed notebooks were altered: {', '.join(altered)}; "
+                               "delete the folder and start the run again")
+        progress.resumes.append({"utc": datetime.now(UTC).isoformat(), "completed_before": list(progress.completed),
+                                 "git": git_state(REPO_ROOT)})
+        progress.write(work)
+        return _finish_series(work, final, progress, notebooks, kernel_name)
+
+
+@contextmanager
+def runner_lock(work: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder; a second runner on the same folder is refused."""
+    with open(RunLayout(work).runner_lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{work} is being written by another running process") from None
+        yield
+
+
+def _finish_series(work: Path, final: Path, progress: SeriesProgress, notebooks: list[Path] | None, kernel_name: str) -> Path:
+    """Execute the notebooks not yet complete, render the report, write the manifest, rename the
+    folder to its final name."""
     layout = RunLayout(work)
-    layout.notebooks.mkdir(parents=True)
-    timings = {}
-    started = datetime.now(UTC).isoformat()
-    code = git_state(REPO_ROOT)  # the code as the run starts (notebooks import it as they go)
-    reused = reuse_upstream(reuse_from, work) if reuse_from else []
-    parameters = {"profile": profile, "run_dir": str(work.resolve()), "overrides": overrides}
+    parameters = {"profile": progress.profile, "run_dir": str(work.resolve()), "overrides": progress.overrides}
     for notebook in notebooks or notebook_series():
-        if notebook.stem not in reused:
-            timings[notebook.stem] = execute(notebook, layout.notebooks / notebook.name, parameters, kernel_name)
+        if notebook.stem not in progress.reused and notebook.stem not in progress.completed:
+            seconds = execute(notebook, layout.notebooks / notebook.name, parameters, kernel_name)
+            progress.complete(work, notebook.stem, seconds)
     report = layout.notebooks / REPORT_NOTEBOOK
     if report.exists():
         render_report(report, layout.report_html)
+    resolved = load_profile(progress.profile, progress.overrides)
     manifest = {
-        "run": name,
-        "started_utc": started,
+        "run": progress.name,
+        "started_utc": progress.started_utc,
         "finished_utc": datetime.now(UTC).isoformat(),
-        "profile": profile,
-        "overrides": overrides,
+        "profile": progress.profile,
+        "overrides": progress.overrides,
         "seed": resolved.seed,
         "parameters": resolved.to_dict(),
-        "git": code,
+        "git": progress.git,  # the code as the run started (notebooks import it as they go)
         "packages": package_versions(),
         "machine": machine_info(),
         "data_sha256": data_hashes(work),
-        "reused_from": {"run": str(reuse_from), "notebooks": reused} if reuse_from else None,
-        "wall_seconds": timings,
+        "reused_from": {"run": progress.reuse_from, "notebooks": progress.reused} if progress.reuse_from else None,
+        "wall_seconds": {stem: done["seconds"] for stem, done in progress.completed.items()},
+        "resumes": progress.resumes,
     }
     write_output(manifest, layout.manifest)
+    layout.series_progress.unlink()
     work.rename(final)
     return final

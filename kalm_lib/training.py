@@ -11,8 +11,12 @@ and every RNG; the step counter fixes the data position, so a resumed run is exa
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from .grad_cache import cached_backward
 from .hard_negative_mixing import MixingConfig
 from .layout import StageLayout
 from .losses import KalmContrastiveLoss, MatryoshkaLoss, TextKeys
-from .outputs import write_output
+from .outputs import is_main_process, partial_folder, replace_folder, write_folder, write_output
 
 TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
 
@@ -98,10 +102,72 @@ def stacked_loss(batch: Batch, loss_fn: KalmContrastiveLoss | MatryoshkaLoss) ->
     return loss
 
 
-def _save_progress(stage: StageLayout, accelerator: Accelerator, step: int, history: list[dict]) -> None:
-    """Checkpoint everything needed for an exact resume."""
-    accelerator.save_state(str(stage.state(step)))
-    write_output({"step": step, "history": history}, stage.progress(step))
+class Preempted(RuntimeError):
+    """The stage received SIGTERM (e.g. a cluster preempting the job) and saved a resumable state."""
+
+
+@contextmanager
+def sigterm_flag() -> Iterator[list[bool]]:
+    """While open, SIGTERM sets ``flag[0] = True`` instead of killing the process, so the training
+    loop can finish its step, save a state and stop (only where signals can be handled: the main
+    thread; elsewhere the flag never rises and SIGTERM keeps its default)."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def states(stage: StageLayout) -> list[Path]:
+    """The stage's complete resumable states, oldest first. A state folder appears under its name
+    only once written in full (:func:`_save_progress`), so a crash mid-save leaves none behind."""
+    found = [path for path in stage.root.glob("state_*") if path.name.removeprefix("state_").isdigit()]
+    return sorted((path for path in found if (path / StageLayout.PROGRESS).is_file()), key=lambda p: int(p.name[6:]))
+
+
+def latest_state(stage: StageLayout) -> Path | None:
+    """The newest complete state of the stage, or None (start from step 0)."""
+    found = states(stage)
+    return found[-1] if found else None
+
+
+def prune_states(stage: StageLayout, keep: int) -> None:
+    """Delete all but the ``keep`` newest states (main process)."""
+    if is_main_process():
+        for path in states(stage)[: max(len(states(stage)) - keep, 0)]:
+            shutil.rmtree(path)
+
+
+def _save_progress(stage: StageLayout, accelerator: Accelerator, step: int, history: list[dict], keep: int) -> Path:
+    """Checkpoint everything needed for an exact resume (model, optimizer, scheduler, every
+    process's RNG, step and history) into a partial folder, rename it ``state_<step>`` once
+    complete, and keep the ``keep`` newest states."""
+    target = stage.state(step)
+    partial = partial_folder(target)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_output({"step": step, "history": history}, partial / StageLayout.PROGRESS)
+        replace_folder(partial, target)
+        prune_states(stage, keep)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (all then save the same state together)."""
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0)
 
 
 def train_stage(
@@ -117,9 +183,12 @@ def train_stage(
 ) -> StageResult:
     """Train ``encoder`` for ``cfg.steps`` steps; save ``out_dir/final`` as a sentence-transformers folder.
 
-    ``resume_from`` is a ``state_*`` folder written by an earlier call; ``stop_after`` ends the run
-    early after that many steps (used to test exact resume). ``out_dir`` is laid out as
-    :class:`kalm_lib.layout.StageLayout` says.
+    ``resume_from`` is a ``state_*`` folder written by an earlier call (:func:`latest_state`);
+    ``stop_after`` ends the run early after that many steps (used to test exact resume). On
+    SIGTERM the current step completes, a state is saved and :class:`Preempted` is raised. The
+    update clips the global gradient norm to ``cfg.grad_clip``. ``out_dir`` is laid out as
+    :class:`kalm_lib.layout.StageLayout` says; its states are kept until the caller has recorded
+    the history (:func:`prune_states` with ``keep=0``).
     """
     stage = StageLayout(out_dir)
     set_seed(seed)
@@ -141,41 +210,44 @@ def train_stage(
     model.train()
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, last), desc="train", disable=not accelerator.is_main_process, mininterval=5)
-    for step in bar:
-        name, rows = plan[step]
-        frame, card = sets[name]
-        batch = make_batch(frame, card, rows, n_neg[name], accelerator.process_index, accelerator.num_processes)
-        chunks = step_chunks(encoder, batch, cfg)
-        if cfg.mini_batch_size:
-            loss = cached_backward(model, chunks, stacked_loss(batch, loss_fn), accelerator)
-        else:
-            loss = batch_loss(model, batch, chunks, loss_fn)
-            accelerator.backward(loss)
-        # Each process holds the loss of its shard; their mean is the global batch's loss (equal
-        # shards). Every process logs and checks that value, so all stop together on a NaN.
-        loss = accelerator.reduce(loss.detach(), reduction="mean")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (set {name}); stopping")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(torch.as_tensor(grad_norm)):  # DDP gradients are all-reduced: every process agrees
-            raise FloatingPointError(
-                f"non-finite gradient norm {float(grad_norm)} at step {step + 1} (set {name}, loss {loss.item():.4g}); stopping"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "set": name, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-        history.append(record)
-        if on_log and (step + 1) % max(cfg.log_every, 1) == 0:
-            on_log(record)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_progress(stage, accelerator, step + 1, history)
+    with sigterm_flag() as terminated:
+        for step in bar:
+            name, rows = plan[step]
+            frame, card = sets[name]
+            batch = make_batch(frame, card, rows, n_neg[name], accelerator.process_index, accelerator.num_processes)
+            chunks = step_chunks(encoder, batch, cfg)
+            if cfg.mini_batch_size:
+                loss = cached_backward(model, chunks, stacked_loss(batch, loss_fn), accelerator)
+            else:
+                loss = batch_loss(model, batch, chunks, loss_fn)
+                accelerator.backward(loss)
+            # Each process holds the loss of its shard; their mean is the global batch's loss (equal
+            # shards). Every process logs and checks that value, so all stop together on a NaN.
+            loss = accelerator.reduce(loss.detach(), reduction="mean")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (set {name}); stopping")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(torch.as_tensor(grad_norm)):  # DDP gradients are all-reduced: every process agrees
+                raise FloatingPointError(
+                    f"non-finite gradient norm {float(grad_norm)} at step {step + 1} (set {name}, loss {loss.item():.4g}); stopping"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "set": name, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+            history.append(record)
+            if on_log and (step + 1) % max(cfg.log_every, 1) == 0:
+                on_log(record)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_progress(stage, accelerator, step + 1, history, cfg.keep_checkpoints)
+            if _any_process(accelerator, terminated[0]):
+                state = _save_progress(stage, accelerator, step + 1, history, cfg.keep_checkpoints)
+                raise Preempted(f"SIGTERM after step {step + 1} of {cfg.steps}: resumable state saved in {state}")
     if stop_after is not None and last < cfg.steps:
-        _save_progress(stage, accelerator, last, history)
+        _save_progress(stage, accelerator, last, history, cfg.keep_checkpoints)
     else:
         result.final_dir = stage.final
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save(result.final_dir)
+        write_folder(stage.final, accelerator.unwrap_model(model).save)
     accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - began
     return result

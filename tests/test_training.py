@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,43 @@ def test_resume_from_state_is_exact_with_mixing_optimizer_and_scheduler(curated,
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
     assert [(h["set"], h["loss"], h["lr"]) for h in resumed.history] == [(h["set"], h["loss"], h["lr"]) for h in full.history]
     assert resumed.final_dir == cut.final and resumed.final_dir.is_dir()
+
+
+def test_sigterm_saves_a_state_and_the_resume_is_exact(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    cfg = dataclasses.replace(profile.finetune, steps=5, checkpoint_every=0)
+    whole = fresh_encoder(profile)
+    full = train_stage(whole, finetune_sets, cfg, tmp_path / "full", seed=3)
+
+    def preempt_at_step_2(record: dict) -> None:
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a cluster preempting the job
+
+    stage = StageLayout(tmp_path / "cut")
+    with pytest.raises(training.Preempted, match="after step 2 of 5"):
+        train_stage(fresh_encoder(profile), finetune_sets, dataclasses.replace(cfg, log_every=1), stage.root, seed=3,
+                    on_log=preempt_at_step_2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    assert training.latest_state(stage) == stage.state(2) and not stage.final.exists()
+    resumed_encoder = fresh_encoder(profile)
+    resumed = train_stage(resumed_encoder, finetune_sets, cfg, stage.root, seed=3, resume_from=training.latest_state(stage))
+    assert parameters_equal(whole, resumed_encoder)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_only_complete_states_are_resumed_from_and_old_ones_are_pruned(curated, finetune_sets, tmp_path: Path) -> None:
+    profile, _ = curated
+    cfg = dataclasses.replace(profile.finetune, steps=4, checkpoint_every=1, keep_checkpoints=2)
+    stage = StageLayout(tmp_path / "stage")
+    train_stage(fresh_encoder(profile), finetune_sets, cfg, stage.root, seed=1, stop_after=3)
+    assert [p.name for p in training.states(stage)] == ["state_2", "state_3"]  # state_1 pruned
+    # A save killed half-way leaves a partial folder, never a state_<step> one; a state folder
+    # without its progress file (written last) is not complete either.
+    (stage.root / ".state_4.partial").mkdir()
+    (stage.root / "state_9").mkdir()
+    assert training.latest_state(stage) == stage.state(3)
+    training.prune_states(stage, keep=0)
+    assert training.latest_state(stage) is None
 
 
 def test_mixing_draws_from_the_torch_rng_so_resume_must_restore_it(curated) -> None:
