@@ -126,7 +126,8 @@ class EvalConfig:
         ]
     )
     standard_tasks: list[str] = field(default_factory=list)  # mteb task names (hub hosts)
-    benchmark: str = ""  # an mteb benchmark name, e.g. "MTEB(eng, v2)" (hub hosts); replaces standard_tasks
+    benchmarks: list[str] = field(default_factory=list)  # mteb benchmarks, e.g. ["MTEB(eng, v1)"] (hub hosts): their tasks
+    # join standard_tasks, and each gets Mean(Task) / Mean(TaskType) as the leaderboard computes them
     batch_size: int = 128  # encode batch size
     matryoshka_dims: list[int] = field(default_factory=list)  # final model also scored truncated to these dims
     quantizations: list[str] = field(default_factory=list)  # final model also scored as int8 / binary codes

@@ -27,6 +27,7 @@ are the constants below. A run folder::
         bidirectional_check.csv  stage1_history.json  stage2_seed<S>_history.json
         mining_quality.csv  mining_samples.csv  soup_trace.csv  mteb_scores.csv
         per_item_scores.csv        per query / pair values of every model (paired bootstrap)
+        benchmark_means.csv        Mean(Task), Mean(TaskType), per-type means per mteb benchmark (hub hosts)
       mteb/  mteb_validation/      mteb's own result folders (test / validation)
 
 A grid folder holds one run folder per variant plus ``report.ipynb``, ``report.html`` and
@@ -218,6 +219,11 @@ class RunLayout:
     @property
     def mteb_scores(self) -> Path:
         return self.metrics / "mteb_scores.csv"
+
+    @property
+    def benchmark_means(self) -> Path:
+        """Leaderboard aggregates of every evaluated model per standard benchmark (``evaluation.benchmarks``)."""
+        return self.metrics / "benchmark_means.csv"
 
     @property
     def per_item_scores(self) -> Path:

@@ -333,11 +333,25 @@ def build_local_tasks(eval_dir: Path, names: Sequence[str] | None = None) -> lis
     return [LOCAL_TASKS[name](eval_dir) for name in wanted]
 
 
-def standard_tasks(names_or_benchmark: Sequence[str] | str) -> list[AbsTask]:
-    """Standard mteb tasks (need hub access to load): a benchmark name, or a list of task names."""
-    if isinstance(names_or_benchmark, str):
-        return list(mteb.get_benchmark(names_or_benchmark).tasks)
-    return list(mteb.get_tasks(tasks=list(names_or_benchmark)))
+def standard_tasks(names: Sequence[str] = (), benchmarks: Sequence[str] = ()) -> list[AbsTask]:
+    """Standard mteb tasks (need hub access to load): the named tasks, then every task of the named
+    benchmarks, each task once. A task that two benchmarks restrict differently (other subsets or
+    splits) is evaluated once on the union, and each benchmark's aggregate reads its own part."""
+    tasks: dict[str, AbsTask] = {task.metadata.name: task for task in mteb.get_tasks(tasks=list(names))} if names else {}
+    for benchmark in benchmarks:
+        for task in mteb.get_benchmark(benchmark).tasks:
+            name = task.metadata.name
+            tasks[name] = task if name not in tasks else _union(tasks[name], task)
+    return list(tasks.values())
+
+
+def _union(first: AbsTask, second: AbsTask) -> AbsTask:
+    """One task object covering the subsets and splits of two restrictions of the same mteb task."""
+    subsets = list(dict.fromkeys([*first.hf_subsets, *second.hf_subsets]))
+    splits = list(dict.fromkeys([*first.eval_splits, *second.eval_splits]))
+    if subsets == list(first.hf_subsets) and splits == list(first.eval_splits):
+        return first
+    return mteb.get_task(first.metadata.name, eval_splits=splits, hf_subsets=subsets)
 
 
 # --- one fresh copy of every task per model (paired evaluation) --------------------------------

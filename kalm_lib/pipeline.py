@@ -33,6 +33,7 @@ from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1,
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import write_folder, write_output
+from .reference import stage_benchmark_means
 from .soup import average_states, greedy_soup, load_state
 from .training import StageResult, TrainSets, latest_state, prune_states, train_stage
 
@@ -60,8 +61,7 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     the candidate pool that notebook 02 mines stage-2 hard negatives from. Profiles that evaluate
     standard MTEB tasks also decontaminate against those tasks' texts."""
     layout = RunLayout(run_dir)
-    evaluated = profile.evaluation.benchmark or profile.evaluation.standard_tasks
-    external = task_texts(standard_tasks(evaluated)) if evaluated else frozenset()
+    external = task_texts(standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks))
     result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
@@ -266,8 +266,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
-    if profile.evaluation.standard_tasks or profile.evaluation.benchmark:
-        tasks += standard_tasks(profile.evaluation.benchmark or profile.evaluation.standard_tasks)
+    tasks += standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks)
     frames, items = [], []
     models = evaluated_models(profile, run_dir)
     for label, path in models.items():
@@ -288,4 +287,6 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     scores = pd.concat(frames, ignore_index=True)
     write_output(scores, layout.mteb_scores)
     write_output(concat_per_item(items), layout.per_item_scores)
+    if profile.evaluation.benchmarks:
+        write_output(stage_benchmark_means(layout.mteb, profile.evaluation.benchmarks, scores), layout.benchmark_means)
     return scores

@@ -48,6 +48,7 @@ from kalm_lib.instructions import format_instructed
 from kalm_lib.layout import RunLayout
 from kalm_lib.mteb_tasks import (
     LOCAL_TASKS,
+    _union,
     build_local_tasks,
     fresh_task,
     payload_revision,
@@ -307,7 +308,19 @@ def test_standard_tasks_resolve_from_the_mteb_registry() -> None:
     assert [t.metadata.name for t in tasks] == ["SciFact", "SprintDuplicateQuestions"]
     # SciFact splits its prompt by side; the query side is the instruction
     assert task_instruction(tasks[0].metadata) == tasks[0].metadata.prompt["query"]
-    assert len(standard_tasks("MTEB(eng, v2)")) == 41
+    assert len(standard_tasks(benchmarks=["MTEB(eng, v2)"])) == 41
+    both = standard_tasks(["SciFact"], ["MTEB(eng, v1)", "MTEB(cmn, v1)"])
+    names = [t.metadata.name for t in both]
+    assert len(names) == len(set(names)) == 56 + 31  # SciFact is in MTEB(eng, v1): listed once
+    assert names[0] == "SciFact"
+
+
+def test_a_task_two_benchmarks_restrict_differently_is_evaluated_once_on_the_union() -> None:
+    english = mteb.get_task("MassiveIntentClassification", hf_subsets=["en"])
+    chinese = mteb.get_task("MassiveIntentClassification", hf_subsets=["zh-CN"])
+    merged = _union(english, chinese)
+    assert sorted(merged.hf_subsets) == ["en", "zh-CN"]
+    assert _union(english, english) is english
 
 
 # --- evaluation through mteb ---------------------------------------------------------------------
