@@ -50,6 +50,12 @@ def test_unknown_section_is_named():
         load_profile("tiny", {"optimiser.lr": 1.0})
 
 
+def test_an_override_below_a_value_names_the_profile_and_key():
+    with pytest.raises(ConfigError) as info:
+        load_profile("tiny", {"finetune.steps.max": 1})
+    assert str(info.value) == f"{profile_path('tiny')}: override 'finetune.steps.max': 'steps' is not a section"
+
+
 def test_missing_profile_file(tmp_path):
     with pytest.raises(ConfigError, match="profile file not found"):
         load_profile(str(tmp_path / "missing.yaml"))
