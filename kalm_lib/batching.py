@@ -8,6 +8,7 @@ and several processes split each global batch into equal contiguous shards.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,8 @@ import pandas as pd
 
 from .data_cards import DataCard
 from .instructions import format_instructed
+
+_LOG = logging.getLogger(__name__)
 
 
 def text_key(text: str) -> int:
@@ -47,10 +50,16 @@ class Batch:
 
 
 def batch_plan(sizes: dict[str, int], batch_size: int, steps: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    """(set name, row indices) for each step; sets drawn in proportion to their size, epochs cycle."""
+    """(set name, row indices) for each step; sets drawn in proportion to their size, epochs cycle.
+
+    A set smaller than one batch is never drawn from (a warning names it); none large enough is an
+    error.
+    """
     usable = {name: size for name, size in sizes.items() if size >= batch_size}
     if not usable:
         raise ValueError(f"batch_size {batch_size} exceeds every training set ({sizes})")
+    for name in sorted(set(sizes) - set(usable)):
+        _LOG.warning("set %r has %d rows, fewer than one batch (%d): skipped", name, sizes[name], batch_size)
     rng = np.random.default_rng(seed)
     plan: list[tuple[str, np.ndarray]] = []
     while len(plan) < steps:

@@ -24,8 +24,49 @@ from .layout import PROFILES_DIR
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # transformers attention kernels
+
+
 class ConfigError(ValueError):
-    """A profile, override or parameter is unknown or has the wrong type."""
+    """A profile, override or parameter is unknown, has the wrong type or is out of range."""
+
+
+class FieldError(ConfigError):
+    """One field of a config dataclass is invalid. ``field`` is its name inside the dataclass;
+    :func:`load_profile` reports it as ``<profile path>: <section>.<field> <problem>``."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.field = name
+        self.problem = problem
+
+
+def _require(name: str, value: Any, ok: bool, rule: str) -> None:
+    """Raise :class:`FieldError` for ``name`` unless ``ok``; ``rule`` says what is allowed."""
+    if not ok:
+        raise FieldError(name, f"must be {rule}, got {value!r}")
+
+
+def _at_least(cfg: object, low: int, *names: str) -> None:
+    """Every named field of ``cfg`` is >= ``low``."""
+    for name in names:
+        value = getattr(cfg, name)
+        _require(name, value, value >= low, f">= {low}")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    """Every named field of ``cfg`` is > 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        _require(name, value, value > 0, "> 0")
+
+
+def _fraction(cfg: object, name: str, interval: str) -> None:
+    """Field ``name`` of ``cfg`` lies in ``interval``: ``"(0, 1)"``, ``"(0, 1]"`` or ``"[0, 1]"``."""
+    value = getattr(cfg, name)
+    low_ok = value > 0 if interval[0] == "(" else value >= 0
+    high_ok = value < 1 if interval[-1] == ")" else value <= 1
+    _require(name, value, low_ok and high_ok, f"in {interval}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +92,19 @@ class DataConfig:
     mining_consistency_filter: bool = True  # drop rows whose positive ranks below the mining window's start
     mining_pool_max: int = 0  # candidate words to mine from (a seeded sample); 0 = every word not held out
 
+    def __post_init__(self) -> None:
+        _fraction(self, "eval_word_fraction", "(0, 1)")
+        _at_least(self, 1, "max_stage1_pairs_per_source", "max_stage2_per_source", "min_chars")
+        _require("max_chars", self.max_chars, self.max_chars >= self.min_chars, f">= min_chars ({self.min_chars})")
+        _fraction(self, "near_dup_threshold", "(0, 1]")
+        _fraction(self, "eval_near_dup_threshold", "(0, 1]")
+        if self.sample_seed is not None:
+            _at_least(self, 0, "sample_seed")
+        _at_least(self, 1, "eval_retrieval_queries", "eval_pairs", "eval_clusters")
+        _at_least(self, 0, "hard_negatives", "hard_negative_rank_min", "mining_score_decimals", "mining_pool_max")
+        low, high = self.hard_negative_rank_min, self.hard_negative_rank_max
+        _require("hard_negative_rank_max", high, high > low, f"> hard_negative_rank_min ({low})")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -59,11 +113,16 @@ class ModelConfig:
     name_or_path: str = PACKAGED_MINILM  # packaged alias, a local folder, or a hub id (e.g. Qwen/Qwen2-0.5B)
     pooling: str = "mean"  # mean (the paper's), last (last real token) or cls
     bidirectional: bool = True  # drop a decoder's causal mask (an encoder is bidirectional already)
-    attn_implementation: str = "sdpa"  # sdpa or eager (transformers attention kernels)
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (transformers attention kernels; GPU hosts)
     max_length: int = 64  # tokens per text; longer texts are truncated
     bf16: bool = False  # bf16 autocast on CUDA (ignored on CPU)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
     random_init: dict[str, Any] = field(default_factory=dict)  # {model_type, sizes...}: a random model from a config (tests)
+
+    def __post_init__(self) -> None:
+        attn = self.attn_implementation
+        _require("attn_implementation", attn, attn in ATTN_IMPLEMENTATIONS, f"one of {ATTN_IMPLEMENTATIONS}")
+        _at_least(self, 1, "max_length")
 
 
 @dataclass(frozen=True)
@@ -94,16 +153,30 @@ class TrainConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # stage 2: one run per seed (the soup's ingredients)
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("batch_size", 1), ("mini_batch_size", 0), ("chunk_tokens", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        _at_least(self, 0, "steps", "mini_batch_size", "checkpoint_every")
+        _at_least(self, 1, "batch_size", "chunk_tokens", "keep_checkpoints")
+        _positive(self, "learning_rate", "temperature", "grad_clip")
+        _at_least(self, 0, "weight_decay", "focal_gamma")
+        _fraction(self, "warmup_ratio", "[0, 1]")
+        self._check_mixing()
+        self._check_matryoshka()
+        _require("seeds", self.seeds, all(seed >= 0 for seed in self.seeds), "a list of seeds >= 0")
+
+    def _check_mixing(self) -> None:
+        """Hard-negative mixing (:class:`~kalm_lib.hard_negative_mixing.MixingConfig`): mix from
+        at least one hardest negative, non-negative counts, query share ``beta_max`` in [0, 0.5]."""
+        _at_least(self, 1, "mixing_top_k")
+        _at_least(self, 0, "mixing_pairs", "mixing_query")
+        beta = self.mixing_query_beta_max
+        _require("mixing_query_beta_max", beta, 0.0 <= beta <= 0.5, "in [0, 0.5]")
+
+    def _check_matryoshka(self) -> None:
+        """One weight > 0 per dim; dims positive and strictly decreasing."""
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
-        if len(dims) != len(weights):
-            raise ConfigError(f"matryoshka_dims {dims} and matryoshka_weights {weights} need one weight per dim")
-        if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
-            raise ConfigError(f"matryoshka_dims must be positive and strictly decreasing, got {dims}")
-        if any(w <= 0 for w in weights):
-            raise ConfigError(f"matryoshka_weights must be > 0, got {weights}")
+        _require("matryoshka_weights", weights, len(weights) == len(dims), f"one weight per matryoshka_dims entry {dims}")
+        ordered = all(d >= 1 for d in dims) and all(a > b for a, b in zip(dims, dims[1:]))
+        _require("matryoshka_dims", dims, ordered, "positive and strictly decreasing")
+        _require("matryoshka_weights", weights, all(w > 0 for w in weights), "> 0")
 
 
 @dataclass(frozen=True)
@@ -134,6 +207,11 @@ class EvalConfig:
     skip_upstream_models: bool = False  # do not evaluate base and stage 1 (grid variants that reuse them)
     reference_card: str = "data_cards/reference/mteb_eng_v2_published.yaml"  # published scores beside the run; "" hides
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size")
+        dims = self.matryoshka_dims
+        _require("matryoshka_dims", dims, all(d >= 1 for d in dims), "positive")
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -148,6 +226,9 @@ class Profile:
     finetune: TrainConfig = field(default_factory=TrainConfig)
     soup: SoupConfig = field(default_factory=SoupConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "seed", "threads")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, for manifests and YAML."""
@@ -175,55 +256,62 @@ def profile_path(name_or_path: str) -> Path:
 
 
 def load_profile(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Profile:
-    """Read a profile YAML, apply dotted overrides and return a validated :class:`Profile`."""
+    """Read a profile YAML, apply dotted overrides and return a validated :class:`Profile`.
+
+    Every problem (unknown key, wrong type, value out of range) is a :class:`ConfigError` reading
+    ``<profile path>: <section>.<field> <problem>``, raised here, before any work starts.
+    """
     path = profile_path(name_or_path)
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return _build(Profile, raw, where=str(path))
+        _set_dotted(raw, dotted, value, path)
+    return _build(Profile, raw, path)
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
     """Set ``raw[a][b] = value`` for the key ``"a.b"``."""
     *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"{path}: override {dotted!r}: {part!r} is not a section")
     node[leaf] = value
 
 
-def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types."""
+def _build(cls: type, raw: Mapping[str, Any], path: Path, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` (the section ``prefix``, e.g. ``"finetune."``) from ``raw``,
+    rejecting unknown keys, wrong types and values its ``__post_init__`` finds out of range."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown parameter(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
+            f"{path}: unknown parameter(s) {[prefix + key for key in unknown]}; allowed: {sorted(names)}"
         )
-    kwargs = {}
-    for key, value in raw.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: {key} must be a mapping")
-            kwargs[key] = _build(hint, value, where=f"{where}:{key}")
-        else:
-            kwargs[key] = _coerce(value, hint, f"{where}:{cls.__name__}.{key}")
     try:
+        kwargs = {}
+        for key, value in raw.items():
+            hint = hints[key]
+            if dataclasses.is_dataclass(hint):
+                _require(key, value, isinstance(value, Mapping), "a mapping of parameters")
+                kwargs[key] = _build(hint, value, path, f"{prefix}{key}.")
+            else:
+                kwargs[key] = _coerce(value, hint, key)
         return cls(**kwargs)
-    except ConfigError as exc:  # a value out of range, named by the dataclass's own check
-        raise ConfigError(f"{where}:{cls.__name__}: {exc}") from None
+    except FieldError as exc:
+        raise ConfigError(f"{path}: {prefix}{exc.field} {exc.problem}") from None
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a simple type hint (``T`` or ``T | None``), allowing int where float
-    is expected."""
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against a type hint (``T``, ``T | None`` or ``list[T]``, items checked),
+    allowing an int where a float is expected; a mismatch is a :class:`FieldError` for ``name``."""
     arguments = typing.get_args(hint)
     if type(None) in arguments:
         if value is None:
@@ -232,10 +320,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint) or hint
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if origin is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if origin in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if not isinstance(value, origin):
-        raise ConfigError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    is_number = origin in (int, float) and isinstance(value, bool)  # YAML true is an int to Python
+    _require(name, value, isinstance(value, origin) and not is_number, _TYPE_WORDS.get(origin, str(origin)))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return [_coerce(element, item, f"{name}[{index}]") for index, element in enumerate(value)]
     return value

@@ -7,7 +7,9 @@ words (any spelling) or repeating evaluation texts (contamination) -> random poo
 -> drop rows whose query or positive is a near-duplicate of an evaluation text (MinHash LSH over
 character 5-grams; the local tasks' texts and, on hub hosts, those of the standard mteb tasks) ->
 near-duplicate removal within the set (MinHash LSH over ``query || positive``) -> cap to the
-profile's size. Each step's row count goes into the curation summary.
+profile's size. Each step's row count goes into the curation summary, and a set with fewer rows
+than one batch of the stage that trains on it is flagged there (``below_one_batch``) and in the log:
+training never draws from it.
 
 Two seeds: the profile seed fixes the held-out split and the evaluation tasks; the sample seed
 (:func:`sample_seed`) fixes which training rows are drawn, so curation variance can be measured on
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -51,6 +54,7 @@ from .sources import load_source
 if TYPE_CHECKING:
     from mteb import AbsTask
 
+_LOG = logging.getLogger(__name__)
 _SPACE = re.compile(r"\s+")
 _NOT_TEXT = re.compile(r"(?:.*[-_])?(?:id|qid|docid|labels?)", re.IGNORECASE)  # mteb columns holding ids or labels
 NUM_PERM = 64  # MinHash permutations of every signature (evaluation index and de-duplication)
@@ -209,13 +213,19 @@ def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
 
 
 def curate(
-    cfg: DataConfig, seed: int, cards_dir: Path, extra_eval_texts: frozenset[str] = frozenset()
+    cfg: DataConfig,
+    seed: int,
+    cards_dir: Path,
+    extra_eval_texts: frozenset[str] = frozenset(),
+    batch_sizes: Mapping[str, int] | None = None,
 ) -> CurationResult:
     """Run the whole curation for the derived cards under ``cards_dir``.
 
     ``seed`` fixes the held-out split and the evaluation tasks, :func:`sample_seed` the training
     rows. ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
-    evaluates) are decontaminated against like the local evaluation texts.
+    evaluates) are decontaminated against like the local evaluation texts. ``batch_sizes`` maps a
+    stage (``pretrain``, ``finetune``) to the batch size it trains with: a set of that stage with
+    fewer rows is flagged (:func:`flag_below_one_batch`); stages not in it are not checked.
     """
     cards = load_cards(cards_dir)
     derived = {n: c for n, c in cards.items() if c.kind == "derived"}
@@ -252,7 +262,25 @@ def curate(
             result.train[name] = _curate_train(
                 card, sources, cfg, cap, train_rng, eval_words, eval_texts, index, result.summary
             )
+    flag_below_one_batch(result.summary, batch_sizes or {})
     return result
+
+
+def flag_below_one_batch(summary: list[dict], batch_sizes: Mapping[str, int]) -> None:
+    """Add ``batch_size`` and ``below_one_batch`` to each summary row whose stage is in
+    ``batch_sizes`` and log a warning for every set kept with fewer rows than one batch (the
+    training plan never draws from such a set, :func:`kalm_lib.batching.batch_plan`)."""
+    for counts in summary:
+        batch_size = batch_sizes.get(counts["stage"])
+        if batch_size is None:
+            continue
+        counts["batch_size"] = batch_size
+        counts["below_one_batch"] = counts["kept"] < batch_size
+        if counts["below_one_batch"]:
+            _LOG.warning(
+                "%s set %r keeps %d rows, fewer than one batch (%d): training will never draw from it",
+                counts["stage"], counts["set"], counts["kept"], batch_size,
+            )
 
 
 def _curate_train(

@@ -11,6 +11,7 @@ Curation writes a filled-in copy of every derived card (size, hash, split) into 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ REQUIRED = {
     ),
     "reference": ("name", "kind", "description", "source", "license", "fields"),
 }
+
+EVAL_REQUIRED = ("eval_file",)  # extra fields an evaluation (stage: eval) derived card needs
+_TYPE_WORDS = {str: "a string", bool: "true or false", dict: "a mapping", list: "a list of strings"}
 
 
 class DataCardError(ValueError):
@@ -60,8 +64,10 @@ class DataCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def filled(self, **stats: Any) -> dict[str, Any]:
-        """The card as a dict with run statistics (size, hash, ...) added, for writing out."""
-        record = {k: v for k, v in asdict(self).items() if v not in ("", [], {}) and k != "path"}
+        """The card as a dict with run statistics (size, hash, ...) added, for writing out: its
+        fields and extra fields side by side, as in the card it was read from."""
+        record = {k: v for k, v in asdict(self).items() if v not in ("", [], {}) and k not in ("path", "extra")}
+        record.update(self.extra)
         record.update(stats)
         return record
 
@@ -77,20 +83,33 @@ def load_card(path: Path) -> DataCard:
     kind = raw.get("kind")
     if kind not in CARD_KINDS:
         raise DataCardError(f"{path}: field 'kind' must be one of {CARD_KINDS}, got {kind!r}")
-    missing = [key for key in REQUIRED[kind] if raw.get(key) in (None, "", [])]
+    if isinstance(raw.get("extra"), dict):  # filled cards of older runs nest their extra fields
+        raw = {**raw.pop("extra"), **raw}
+    required = REQUIRED[kind] + (EVAL_REQUIRED if kind == "derived" and raw.get("stage") == "eval" else ())
+    missing = [key for key in required if raw.get(key) in (None, "", [])]
     if missing:
         raise DataCardError(f"{path}: missing required field(s) {missing} for a {kind} card")
     known = set(DataCard.__dataclass_fields__) - {"path", "extra"}
+    _check_types(path, {k: v for k, v in raw.items() if k in known})
     extra = {k: v for k, v in raw.items() if k not in known}
     card = DataCard(**{k: v for k, v in raw.items() if k in known}, path=str(path), extra=extra)
     _check_values(card)
     return card
 
 
+def _check_types(path: Path, fields: dict[str, Any]) -> None:
+    """Each card field has its declared type (a quoted ``"false"`` is not a boolean; list items
+    are strings), else an error naming the file and field."""
+    hints = typing.get_type_hints(DataCard)
+    for key, value in fields.items():
+        origin = typing.get_origin(hints[key]) or hints[key]
+        items_ok = origin is not list or all(isinstance(item, str) for item in value)
+        if not isinstance(value, origin) or not items_ok:
+            raise DataCardError(f"{path}: field {key!r} must be {_TYPE_WORDS[origin]}, got {value!r}")
+
+
 def _check_values(card: DataCard) -> None:
-    """Field-level checks that the schema alone cannot express."""
-    if not isinstance(card.fields, list) or not all(isinstance(f, str) for f in card.fields):
-        raise DataCardError(f"{card.path}: field 'fields' must be a list of column names")
+    """Field-level checks that the types alone cannot express."""
     if card.kind == "derived":
         if card.task_type not in TASK_TYPES:
             raise DataCardError(
@@ -100,6 +119,8 @@ def _check_values(card: DataCard) -> None:
             raise DataCardError(
                 f"{card.path}: field 'stage' must be one of {STAGES}, got {card.stage!r}"
             )
+        if card.stage == "eval" and not isinstance(card.extra["eval_file"], str):
+            raise DataCardError(f"{card.path}: field 'eval_file' must be a file name, got {card.extra['eval_file']!r}")
     if card.kind == "source" and card.loader == "hub" and "path" not in card.hub:
         raise DataCardError(f"{card.path}: a hub source needs 'hub: {{path: ...}}'")
 

@@ -110,10 +110,8 @@ def write_mined(frame: pd.DataFrame, card: DataCard, layout: RunLayout) -> None:
     """Write the mined shard and point the set's filled card at it (size and SHA-256 updated)."""
     path = layout.mined_shard(card.name)
     write_output(frame, path)
-    record = card.filled()
-    record.update(record.pop("extra", {}))
-    record.update(size=len(frame), sha256=file_sha256(path),
-                  file=str(path.relative_to(layout.data)), mined_with="stage1")
+    record = card.filled(size=len(frame), sha256=file_sha256(path),
+                         file=str(path.relative_to(layout.data)), mined_with="stage1")
     write_card(record, layout.card(card.name))
 
 

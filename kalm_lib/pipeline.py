@@ -59,10 +59,13 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card; write shards, evaluation payloads, filled cards, the summary and
     the candidate pool that notebook 02 mines stage-2 hard negatives from. Profiles that evaluate
-    standard MTEB tasks also decontaminate against those tasks' texts."""
+    standard MTEB tasks also decontaminate against those tasks' texts. The summary flags sets
+    smaller than one batch of the (enabled) stage that trains on them."""
     layout = RunLayout(run_dir)
     external = task_texts(standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks))
-    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external)
+    batch_sizes = {stage: cfg.batch_size for stage, cfg in (("pretrain", profile.pretrain), ("finetune", profile.finetune)) if cfg.enabled}
+    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external,
+                    batch_sizes=batch_sizes)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)

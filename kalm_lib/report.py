@@ -126,8 +126,8 @@ def plot_scores(table: pd.DataFrame) -> plt.Figure:
 
 
 def plot_curation(summary: pd.DataFrame) -> plt.Figure:
-    """Rows surviving each curation step, per derived set."""
-    steps = [c for c in summary.columns if c not in ("set", "stage")]
+    """Rows surviving each curation step, per derived set (the batch-size flags stay in the table)."""
+    steps = [c for c in summary.columns if c not in ("set", "stage", "batch_size", "below_one_batch")]
     fig, axis = plt.subplots(figsize=(11, 3.5))
     summary.set_index("set")[steps].plot.bar(ax=axis, logy=True, width=0.85)
     axis.set(ylabel="rows (log)", xlabel="")

@@ -1,5 +1,6 @@
 """Task-homogeneous batch plans and the texts of one (sharded) batch."""
 
+import logging
 from collections import Counter
 
 import numpy as np
@@ -54,6 +55,16 @@ def test_sets_are_drawn_in_proportion_to_their_size_and_too_small_sets_never() -
     counts = Counter(name for name, _ in batch_plan(sizes, 10, 1000, seed=1))  # 12.5 epochs of 60 + 20 batches
     assert set(counts) == {"big", "small"}
     assert counts["big"] / 1000 == pytest.approx(0.75, abs=0.02)
+
+
+def test_a_skipped_set_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kalm_lib.batching"):
+        batch_plan({"big": 600, "tiny": 5}, 10, 3, seed=1)
+    assert [r.getMessage() for r in caplog.records] == ["set 'tiny' has 5 rows, fewer than one batch (10): skipped"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kalm_lib.batching"):
+        batch_plan({"big": 600}, 10, 3, seed=1)
+    assert not caplog.records
 
 
 def test_epochs_cycle_and_reshuffle_when_steps_exceed_the_data() -> None:

@@ -1,12 +1,22 @@
 """Curation steps on hand-made frames, and the contamination guarantee on the real data."""
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from kalm_lib.builders import clean_gcide, contains_answer, is_held_out
 from kalm_lib.config import DataConfig
-from kalm_lib.curation import curate, decontaminate, exact_dedup, length_filter, near_dedup, normalise
+from kalm_lib.curation import (
+    curate,
+    decontaminate,
+    exact_dedup,
+    flag_below_one_batch,
+    length_filter,
+    near_dedup,
+    normalise,
+)
 from kalm_lib.layout import DATA_CARDS_DIR
 
 
@@ -101,7 +111,7 @@ def test_held_out_split_is_stable_and_sized():
 def curated():
     cfg = DataConfig(eval_word_fraction=0.02, max_stage1_pairs_per_source=300, max_stage2_per_source=200,
                      eval_retrieval_queries=40, eval_pairs=40, eval_clusters=6)
-    return curate(cfg, seed=11, cards_dir=DATA_CARDS_DIR / "offline")
+    return curate(cfg, seed=11, cards_dir=DATA_CARDS_DIR / "offline", batch_sizes={"pretrain": 1, "finetune": 10**6})
 
 
 def test_no_training_row_touches_evaluation(curated):
@@ -126,6 +136,28 @@ def test_summary_counts_every_step(curated):
     steps = ["built", "after_length", "after_exact_dedup", "after_decontamination", "after_near_dedup_of_pool", "kept"]
     assert (summary[steps].diff(axis=1).iloc[:, 1:] <= 0).all().all()
     assert (summary["after_decontamination"] < summary["after_exact_dedup"]).all()
+
+
+def test_summary_flags_sets_smaller_than_one_batch_of_their_stage(curated):
+    summary = pd.DataFrame(curated.summary)
+    assert set(summary["stage"]) == {"pretrain", "finetune"}
+    assert (summary["batch_size"] == summary["stage"].map({"pretrain": 1, "finetune": 10**6})).all()
+    assert (summary["below_one_batch"] == (summary["stage"] == "finetune")).all()
+
+
+def test_below_one_batch_is_logged_and_unchecked_stages_are_left_alone(caplog):
+    summary = [
+        {"set": "small", "stage": "finetune", "kept": 7},
+        {"set": "enough", "stage": "finetune", "kept": 8},
+        {"set": "stage_off", "stage": "pretrain", "kept": 1},
+    ]
+    with caplog.at_level(logging.WARNING, logger="kalm_lib.curation"):
+        flag_below_one_batch(summary, {"finetune": 8})
+    assert [row.get("below_one_batch") for row in summary] == [True, False, None]
+    assert [row.get("batch_size") for row in summary] == [8, 8, None]
+    assert [r.getMessage() for r in caplog.records] == [
+        "finetune set 'small' keeps 7 rows, fewer than one batch (8): training will never draw from it"
+    ]
 
 
 def test_eval_payloads_are_consistent(curated):
