@@ -27,7 +27,7 @@ the no-grad forward of GradCache (smaller than the graph forward) and the loss's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,18 +244,32 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
     return 4 * batch * heads * q_len * kv_len * head_dim
 
 
-def forward_flops(d: ModelDims, batch: int, seq: int) -> int:
-    """Forward FLOPs of the backbone on a padded ``[batch, seq]`` input, matmuls only.
+def backbone_flops(d: ModelDims, batch: int, seq: int) -> int:
+    """Forward FLOPs of the transformer layers on a padded ``[batch, seq]`` input, matmuls only.
 
-    b s L (2 W + 4 s h) with W = :func:`layer_linear_weights` (2 FLOPs per weight per token, and
-    attention 4 s h per token per layer at full, bidirectional, padded length), plus
-    qwen2: the rotary angles, an outer product as a matmul, b s head_dim;
-    bert: the pooler's dense layer on the first token, 2 b h^2.
+    b s L (2 W + 4 s h) with W = :func:`layer_linear_weights`: 2 FLOPs per weight per token, and
+    attention 4 s h per token per layer at the full, bidirectional, padded length. Their backward
+    costs exactly 2 x this (gradients of the inputs and of the weights).
     """
-    layers = batch * seq * d.layers * 2 * layer_linear_weights(d)
-    attention = d.layers * attention_flops(batch, d.heads, seq, seq, d.head_dim)
-    extra = batch * seq * d.head_dim if d.model_type == "qwen2" else 2 * batch * d.hidden**2
-    return layers + attention + extra
+    return batch * seq * d.layers * 2 * layer_linear_weights(d) + d.layers * attention_flops(batch, d.heads, seq, seq, d.head_dim)
+
+
+def pooler_flops(d: ModelDims, batch: int) -> int:
+    """bert's pooler, a dense layer on the first token: 2 b h^2 (computed by ``AutoModel`` though
+    mean pooling never reads it, so no backward); qwen2 has none."""
+    return 2 * batch * d.hidden**2 if d.model_type == "bert" else 0
+
+
+def forward_flops(d: ModelDims, batch: int, seq: int) -> int:
+    """Forward FLOPs of ``AutoModel`` on a padded ``[batch, seq]`` input: backbone + pooler."""
+    return backbone_flops(d, batch, seq) + pooler_flops(d, batch)
+
+
+def step_flops(d: ModelDims, chunks: Sequence[tuple[int, int]], passes: int) -> int:
+    """Executed FLOPs of one step over chunks of padded shape ``(rows, width)``: ``passes`` x the
+    backbone forward (:func:`forward_passes`) + (passes - 2) x the pooler (no backward reaches it).
+    The loss's matmuls (queries x candidates) are not included."""
+    return sum(passes * backbone_flops(d, rows, width) + (passes - 2) * pooler_flops(d, rows) for rows, width in chunks)
 
 
 def _sdpa_forward_flops(query_shape: tuple[int, ...], key_shape: tuple[int, ...], *args: Any, out_shape: Any = None,
@@ -282,10 +296,10 @@ def cpu_sdpa_flop_formulas() -> dict[Any, Callable[..., int]]:
     }
 
 
-def forward_passes(shape: StageShape) -> int:
+def forward_passes(grad_cache: bool, checkpointing: bool) -> int:
     """Forward-equivalents each token costs per step: forward 1 + backward 2, + 1 for GradCache's
     no-grad forward, + 1 for gradient checkpointing's recompute in the backward."""
-    return 3 + int(shape.grad_cache) + int(shape.checkpointing)
+    return 3 + int(grad_cache) + int(checkpointing)
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -426,8 +440,8 @@ def _compute_lines(d: ModelDims, shape: StageShape, hw: Hardware) -> list[Line]:
     texts = shape.steps * shape.global_batch * shape.texts_per_example * shape.runs
     tokens = texts * shape.max_length
     forward = forward_flops(d, texts, shape.max_length)
-    passes = forward_passes(shape)
-    executed = passes * forward
+    passes = forward_passes(shape.grad_cache, shape.checkpointing)
+    executed = step_flops(d, [(texts, shape.max_length)], passes)
     seconds = executed / (hw.gpus * hw.peak_tflops * 1e12 * hw.mfu)
     extra = " + GradCache no-grad forward" * shape.grad_cache + " + checkpoint recompute" * shape.checkpointing
     return [
