@@ -305,20 +305,23 @@ def forward_passes(grad_cache: bool, checkpointing: bool) -> int:
 # --- memory ----------------------------------------------------------------------------------
 
 def layer_activation_bytes(d: ModelDims, seq: int, elem: int, attention: str) -> int:
-    """Bytes one layer keeps for its backward, per token (``elem`` bytes per activation).
+    """Bytes one layer keeps for its backward, per token (``elem`` bytes per activation), for
+    padded chunks (training's length-sorted chunks carry a padding mask):
 
-    qwen2 (sdpa): elem (8 h + 2 h_kv + 4 I) + 4 heads (fp32 log-sum-exp) + 8 (two fp32 RMSNorm
-    rsqrt) + 2 h (4 - elem) (RMSNorm's fp32 copies of its input in half precision).
-    bert (sdpa):  elem (8 h + 2 I) + 4 heads + 16 (two LayerNorms' fp32 mean and rstd)
+    qwen2 (sdpa): elem (10 h + 4 I + s) + 4 heads + 8 + 2 h (4 - elem): the layer's inputs, norms,
+    projections and MLP (8 h + 4 I), keys and values repeated to every head (grouped-query attention
+    is expanded when a mask is passed: 2 h), the additive mask (s), the fp32 log-sum-exp per head,
+    the two RMSNorms' fp32 rsqrt (8) and, in half precision, their fp32 copies of the input.
+    bert (sdpa): elem (8 h + 2 I + s) + 4 heads + 16 (two LayerNorms' fp32 mean and rstd)
     + 2 h elem with hidden dropout on.
-    eager attention keeps the probabilities: + heads seq (4 + 5 with attention dropout: its mask
-    and output) - 4 heads.
+    eager attention keeps the probabilities instead of the log-sum-exp:
+    + heads s (4 + 5 with attention dropout: its mask and output) - 4 heads.
     """
     h, i = d.hidden, d.intermediate
     if d.model_type == "qwen2":
-        per_token = elem * (8 * h + 2 * d.kv_hidden + 4 * i) + 4 * d.heads + 8 + 2 * h * (4 - elem)
+        per_token = elem * (10 * h + 4 * i + seq) + 4 * d.heads + 8 + 2 * h * (4 - elem)
     else:
-        per_token = elem * (8 * h + 2 * i) + 4 * d.heads + 16 + (2 * h * elem if d.hidden_dropout > 0 else 0)
+        per_token = elem * (8 * h + 2 * i + seq) + 4 * d.heads + 16 + (2 * h * elem if d.hidden_dropout > 0 else 0)
     if attention == "eager":
         per_token += d.heads * seq * (4 + (5 if d.attention_dropout > 0 else 0)) - 4 * d.heads
     return per_token
@@ -327,13 +330,13 @@ def layer_activation_bytes(d: ModelDims, seq: int, elem: int, attention: str) ->
 def activation_bytes(d: ModelDims, tokens: int, seq: int, elem: int, attention: str, checkpointing: bool) -> int:
     """Activation bytes of a forward over ``tokens`` padded tokens of length ``seq`` kept for backward.
 
-    Without checkpointing: tokens (L a + 2 h elem), a = :func:`layer_activation_bytes` and
-    2 h elem the embedding output and the final hidden state.
-    With checkpointing (each layer re-run in the backward): tokens (L h elem + a + 2 h elem), the
+    Without checkpointing: tokens (L a + o), a = :func:`layer_activation_bytes` and o = 2 h elem
+    for the embedding output and the final hidden state (+ h elem for bert's embedding dropout).
+    With checkpointing (each layer re-run in the backward): tokens (L h elem + a + o), the
     layers' inputs plus one layer recomputed at a time.
     """
     layer = layer_activation_bytes(d, seq, elem, attention)
-    outside = 2 * d.hidden * elem
+    outside = (2 + int(d.hidden_dropout > 0)) * d.hidden * elem
     kept = d.layers * d.hidden * elem + layer if checkpointing else d.layers * layer
     return tokens * (kept + outside)
 
