@@ -482,11 +482,15 @@ def check_fits(plan: StagePlan) -> None:
 
 
 def local_hardware() -> Hardware:
-    """This host: its CUDA GPUs and the first one's memory, or 1 GPU of H100 size on a CPU host."""
+    """The GPUs this process trains with: one per process of the run (the torch.distributed world
+    size; 1 in a notebook, which trains in one process whatever the host has), each of the first
+    CUDA device's memory, or H100 sizes on a CPU host."""
+    from .distributed import world
+
+    gpus = world()[1]
     if torch.cuda.is_available():
-        memory = torch.cuda.get_device_properties(0).total_memory / GIB
-        return Hardware(gpus=torch.cuda.device_count(), gpu_memory_gib=memory)
-    return Hardware()
+        return Hardware(gpus=gpus, gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / GIB)
+    return Hardware(gpus=gpus)
 
 
 def plan_table(profile: Profile, stage: str, hw: Hardware | None = None) -> pd.DataFrame:

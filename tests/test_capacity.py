@@ -26,8 +26,8 @@ from kalm_lib.capacity import (
     plan_table,
     pooler_flops,
 )
-from kalm_lib.config import ConfigError, ModelConfig, load_profile
-from kalm_lib.encoder import load_backbone
+from kalm_lib.config import PACKAGED_MINILM, ConfigError, ModelConfig, load_profile
+from kalm_lib.encoder import load_backbone, resolve_model_path
 
 TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}
@@ -42,9 +42,6 @@ def config_of(values: dict) -> AutoConfig:
 
 def minilm_config() -> AutoConfig:
     """The packaged all-MiniLM-L6-v2 config (BERT, h 384, 6 layers), without its dropout."""
-    from kalm_lib.encoder import resolve_model_path
-    from kalm_lib.config import PACKAGED_MINILM
-
     return AutoConfig.from_pretrained(resolve_model_path(PACKAGED_MINILM), attention_probs_dropout_prob=0.0)
 
 
@@ -127,7 +124,8 @@ def saved_activation_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tenso
     return sum(size for pointer, size in storages.items() if pointer not in params)
 
 
-@pytest.mark.parametrize("values", [TINY_QWEN2, TINY_BERT, {**TINY_BERT, "hidden_dropout_prob": 0.0}], ids=["qwen2", "bert", "bert-no-dropout"])
+@pytest.mark.parametrize("values", [TINY_QWEN2, TINY_BERT, {**TINY_BERT, "hidden_dropout_prob": 0.0}],
+                         ids=["qwen2", "bert", "bert-no-dropout"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_bytes_match_saved_tensors(values, dtype):
     torch.manual_seed(0)
@@ -168,7 +166,7 @@ def test_per_gpu_memory_follows_ddp(gpus):
 
 
 def test_plan_table_on_the_tiny_profile():
-    table = plan_table(load_profile("tiny"), "finetune")  # the notebooks' call: this host's GPUs, or 1
+    table = plan_table(load_profile("tiny"), "finetune")  # the notebooks' call: 1 process
     assert list(table.columns) == ["section", "item", "value", "unit", "how"]
     assert set(table["section"]) == {"memory", "compute"}
     values = table.set_index("item")["value"]
