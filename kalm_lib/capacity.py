@@ -170,17 +170,17 @@ def model_dims(cfg: ModelConfig) -> ModelDims:
     from .encoder import random_init_config, random_init_tokenizer, resolve_model_path
 
     if cfg.random_init:
-        return dims_from_config(random_init_config(cfg, len(random_init_tokenizer())), "random_init (profile)")
+        return dims_from_config(random_init_config(cfg, len(random_init_tokenizer())), "random_init of the profile")
     path = resolve_model_path(cfg.name_or_path)
     try:
-        return dims_from_config(AutoConfig.from_pretrained(path, local_files_only=True), f"local config of {cfg.name_or_path}")
+        return dims_from_config(AutoConfig.from_pretrained(path, local_files_only=True), "local config")
     except OSError:
         if cfg.name_or_path not in PUBLISHED_CONFIGS:
             raise ConfigError(f"no local config for {cfg.name_or_path!r} and no published fallback "
                               f"(known: {sorted(PUBLISHED_CONFIGS)}); download it once or pass a folder") from None
     values = dict(PUBLISHED_CONFIGS[cfg.name_or_path])
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    return dims_from_config(config, f"published config of {cfg.name_or_path} (fallback table, no local copy)")
+    return dims_from_config(config, "published config: fallback table, no local copy")
 
 
 def dims_from_config(config: PretrainedConfig, source: str) -> ModelDims:
@@ -413,9 +413,8 @@ def _memory_lines(d: ModelDims, shape: StageShape, hw: Hardware, elem: int, atte
     dtype = {2: "bf16", 4: "fp32"}.get(d.param_bytes, f"{d.param_bytes} B")
     chunk = f"{shape.chunk_rows:,} texts x {shape.max_length} tokens, {elem} B/activation"
     prefixes = "+".join(map(str, shape.prefixes))
-    how_total = ("params+grads+AdamW+buckets + local embeddings + max(activations, gathered + scores): "
-                 "GradCache frees the loss graph before the chunks re-run" if shape.grad_cache
-                 else "everything together (no GradCache: every chunk keeps its graph)")
+    how_total = ("4 P + buckets + local embeddings + max(activations, gathered + scores) (GradCache)" if shape.grad_cache
+                 else "every item together (no GradCache: every chunk keeps its graph)")
     lines = [
         Line("memory", "parameters", _gib(weights), "GiB", f"P = {params:,} x {d.param_bytes} B ({dtype}, replicated)"),
         Line("memory", "gradients", _gib(weights), "GiB", f"P x {d.param_bytes} B (parameter dtype)"),
@@ -450,7 +449,7 @@ def _compute_lines(d: ModelDims, shape: StageShape, hw: Hardware) -> list[Line]:
     return [
         Line("compute", "tokens", tokens, "tokens",
              f"{shape.runs} run(s) x {shape.steps:,} steps x {shape.global_batch:,} x {shape.texts_per_example} texts "
-             f"x {shape.max_length} (max_length: the profile gives no average length, an upper bound)"),
+             f"x {shape.max_length} (max_length: an upper bound)"),
         Line("compute", "forward FLOPs per token", forward / tokens, "FLOP",
              f"2 x {layer_linear_weights(d):,} weights x {d.layers} layers + 4 x {shape.max_length} x {d.hidden} x {d.layers} (attention)"),
         Line("compute", "model FLOPs", 3 * forward, "FLOP", "3 x forward (forward + backward)"),
@@ -507,7 +506,7 @@ def format_plan(profile: Profile, hw: Hardware) -> str:
         f"capacity plan: profile {profile.name}, {hw.gpus} GPU(s) x {hw.gpu_memory_gib:g} GiB, "
         f"peak {hw.peak_tflops:g} TFLOP/s, utilisation {hw.mfu:g} (assumed)",
         f"model {profile.model.name_or_path if not profile.model.random_init else d.model_type}: h={d.hidden}, L={d.layers}, "
-        f"heads={d.heads}, kv_heads={d.kv_heads}, I={d.intermediate}, V={d.vocab} ({d.source})",
+        f"heads={d.heads}, kv_heads={d.kv_heads}, I={d.intermediate}, V={d.vocab}; sizes from the {d.source}",
     ]
     for stage, title in STAGES.items():
         if not getattr(profile, stage).enabled:
