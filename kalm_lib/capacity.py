@@ -36,6 +36,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from .config import ConfigError, ModelConfig, Profile, TrainConfig
+from .distributed import world
+from .encoder import random_init_config, random_init_tokenizer, resolve_model_path
 
 GIB = 2**30
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores (NVIDIA datasheet)
@@ -103,7 +105,6 @@ class Hardware:
 class StageShape:
     """One stage's sizes per step, as :func:`kalm_lib.training.train_stage` lays them out."""
 
-    stage: str
     steps: int
     runs: int  # stage 2 trains once per seed
     global_batch: int  # B, queries per step over all GPUs
@@ -167,8 +168,6 @@ class StagePlan:
 def model_dims(cfg: ModelConfig) -> ModelDims:
     """Sizes of the backbone ``cfg`` names: a random model's config, a local config (a folder or the
     hub cache, never the network), or else the published config in :data:`PUBLISHED_CONFIGS`."""
-    from .encoder import random_init_config, random_init_tokenizer, resolve_model_path
-
     if cfg.random_init:
         return dims_from_config(random_init_config(cfg, len(random_init_tokenizer())), "random_init of the profile")
     path = resolve_model_path(cfg.name_or_path)
@@ -376,9 +375,9 @@ def stage_shape(profile: Profile, stage: str, gpus: int, hidden: int) -> StageSh
         raise CapacityError(f"{STAGES[stage]}: batch_size {cfg.batch_size} is not divisible by {gpus} GPUs")
     local = cfg.batch_size // gpus
     negatives = profile.data.hard_negatives if stage == "finetune" else 0
+    texts = local * (2 + negatives)
     model = profile.model
     return StageShape(
-        stage=stage,
         steps=cfg.steps,
         runs=len(cfg.seeds) if stage == "finetune" else 1,
         global_batch=cfg.batch_size,
@@ -387,7 +386,7 @@ def stage_shape(profile: Profile, stage: str, gpus: int, hidden: int) -> StageSh
         synthetic=cfg.mixing_pairs + cfg.mixing_query if cfg.hard_negative_mixing else 0,
         max_length=model.max_length,
         grad_cache=cfg.mini_batch_size > 0,
-        chunk_rows=min(cfg.mini_batch_size, local * (2 + negatives)) if cfg.mini_batch_size else local * (2 + negatives),
+        chunk_rows=min(cfg.mini_batch_size, texts) if cfg.mini_batch_size else texts,
         checkpointing=model.gradient_checkpointing,
         prefixes=tuple(cfg.matryoshka_dims) or (hidden,),
     )
@@ -484,8 +483,6 @@ def local_hardware() -> Hardware:
     """The GPUs this process trains with: one per process of the run (the torch.distributed world
     size; 1 in a notebook, which trains in one process whatever the host has), each of the first
     CUDA device's memory, or H100 sizes on a CPU host."""
-    from .distributed import world
-
     gpus = world()[1]
     if torch.cuda.is_available():
         return Hardware(gpus=gpus, gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / GIB)
