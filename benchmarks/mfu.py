@@ -22,11 +22,12 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode
 
+from kalm_lib.capacity import cpu_sdpa_flop_formulas, dims_from_config, forward_passes, step_flops
 from kalm_lib.config import TrainConfig
 from kalm_lib.data_cards import DataCard
-from kalm_lib.training import train_stage
+from kalm_lib.training import step_chunks, train_stage
 
 from .common import (
     StepClock,
@@ -48,11 +49,6 @@ from .common import (
 
 NAME = "mfu"
 GOAL = 0.40
-# The fused CPU attention kernel (used when attention dropout is 0) has no formula in torch's table.
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
-}
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ def train(settings: Settings, frame: pd.DataFrame, card: DataCard, count_flops: 
     encoder = kalm_encoder(settings.max_length)
     cfg = train_config(settings)
     clock, flops = StepClock(), []
-    counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_formulas())  # the fused CPU attention kernel
     on_log = (lambda _: flops.append(counter.get_total_flops())) if count_flops else clock.tick
     with tempfile.TemporaryDirectory(prefix="kalm-bench-") as work:
         with counter if count_flops else nullcontext():
@@ -130,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = planned_batches(frame, card, settings.batch_size, settings.steps, settings.seed)
     real = [token_counts(encoder, b, train_config(settings))["real"] for b in batches]
     n_params = non_embedding_params(encoder.backbone)
-    step_flops = train(settings, frame, card, count_flops=True)["step_flops"]
+    counted_flops = train(settings, frame, card, count_flops=True)["step_flops"]
+    dims = dims_from_config(encoder.backbone.config, "benchmark encoder")
+    cfg = train_config(settings)
+    passes = forward_passes(grad_cache=cfg.mini_batch_size > 0, checkpointing=False)  # kalm_encoder checkpoints nothing
+    formula_flops = [step_flops(dims, [tuple(c.features["input_ids"].shape) for c in step_chunks(encoder, b, cfg)], passes)
+                     for b in batches]
     raw = alternate(
         {
             "peak": lambda: matmul_peak(settings.matmul_size, settings.matmuls),
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for run in raw["train"]:
         seconds = sum(run["step_seconds"])
-        run["counted_flops_per_s"] = sum(step_flops[1:]) / seconds
+        run["counted_flops_per_s"] = sum(counted_flops[1:]) / seconds
         run["six_n_flops_per_s"] = 6 * n_params * sum(real[1:]) / seconds
     peak = max(r["best_gflops"] for r in raw["peak"]) * 1e9
     counted = median_of(raw["train"], "counted_flops_per_s")
@@ -154,12 +155,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mfu_counted": counted / peak,
         "mfu_six_n": six_n / peak,
         "non_embedding_params": n_params,
-        "step_flops": step_flops,
+        "step_flops": counted_flops,
+        "formula_step_flops": formula_flops,
+        "formula_over_counted": sum(formula_flops) / sum(counted_flops),
         "step_real_tokens": real,
     }
     settings_out = {**asdict(settings), "threads": threads, "quick": args.quick, "device": str(device()),
                     "formula": "mfu_six_n = 6 * non_embedding_params * real_tokens_per_s / peak; "
-                               "mfu_counted = FlopCounterMode FLOP of steps 2..N / their seconds / peak"}
+                               "mfu_counted = FlopCounterMode FLOP of steps 2..N / their seconds / peak; "
+                               "formula_step_flops = kalm_lib.capacity.step_flops of the step's padded chunks "
+                               "(the loss's matmuls excluded)"}
     return write_result(out, NAME, settings_out, raw, summary)
 
 

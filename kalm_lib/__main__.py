@@ -15,6 +15,10 @@ point for multi-process and multi-node training, e.g.::
     python -m torch.distributed.run --nproc_per_node 2 -m kalm_lib train ...   # CPU processes (gloo)
 
 (``accelerate launch --cpu`` starts a single process unless given an MPI host file.)
+
+``python -m kalm_lib plan --profile gpu-qwen2-0.5b --gpus 8 [--gpu-memory 80] [--peak-tflops 989] [--mfu 0.35]``
+prints the capacity plan of both stages (memory per GPU, tokens, FLOPs, wall time;
+:mod:`kalm_lib.capacity`) and exits 2 when a stage does not fit the GPU memory.
 """
 
 from __future__ import annotations
@@ -116,7 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     findings.add_argument("--run-dir", type=Path, required=True, help="a complete run folder (a grid's reference run)")
     findings.add_argument("--grid-dir", type=Path, default=None, help="the grid folder, to add every variant against the reference")
     findings.add_argument("--reference", default="full_recipe", help="the grid's reference variant")
+    plan = sub.add_parser("plan", help="capacity plan per training stage: memory per GPU, tokens, FLOPs, wall time")
+    plan.add_argument("--profile", required=True, help="profile name (kalm_lib/profiles) or YAML path")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs (data-parallel processes) the global batch is split over")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="memory of one GPU in GiB (default: H100, 80)")
+    plan.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+                      help="dense bf16 peak of one GPU in TFLOP/s (default: H100 SXM, 989)")
+    plan.add_argument("--mfu", type=float, default=None, metavar="M",
+                      help="assumed utilisation of the executed FLOPs (default 0.35)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a profile parameter, e.g. --set finetune.mini_batch_size=32")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "findings":
         return _findings(args)
     if args.command == "train":
@@ -150,6 +166,22 @@ def _notebook_command(label: str, start: Callable[[], Path], resume_hint: str = 
         return 1
     print(f"{label} complete: {folder}")
     print(f"report: {RunLayout(folder).report_html}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``plan`` subcommand: the capacity plan, or a refusal (exit 2) naming the stage that does not fit."""
+    from .capacity import CapacityError, Hardware, format_plan
+    from .config import load_profile
+
+    try:
+        given = {"gpu_memory_gib": args.gpu_memory, "peak_tflops": args.peak_tflops, "mfu": args.mfu}
+        hardware = Hardware(args.gpus, **{key: value for key, value in given.items() if value is not None})
+        text = format_plan(load_profile(args.profile, parse_overrides(args.overrides)), hardware)
+    except (ConfigError, CapacityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
     return 0
 
 

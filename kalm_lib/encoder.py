@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from .bidirectional import enable_bidirectional, is_bidirectional
@@ -39,18 +39,26 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 
 
-def _random_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A randomly initialised backbone from ``cfg.random_init`` (``model_type`` + config fields).
+def random_init_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer of randomly initialised backbones: the packaged MiniLM WordPiece (no download)."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM))
 
-    The tokenizer is the packaged MiniLM WordPiece tokenizer, so nothing is downloaded.
-    """
+
+def random_init_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    """The transformers config of ``cfg.random_init`` (``model_type`` + config fields); the
+    vocabulary is ``vocab_size`` unless ``random_init`` sets one."""
     params = dict(cfg.random_init)
     model_type = params.pop("model_type", None)
     if not model_type:
         raise ConfigError("model.random_init needs a 'model_type' (e.g. qwen2)")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM))
-    params.setdefault("vocab_size", len(tokenizer))
-    config = AutoConfig.for_model(model_type, **params)
+    params.setdefault("vocab_size", vocab_size)
+    return AutoConfig.for_model(model_type, **params)
+
+
+def _random_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised backbone from ``cfg.random_init``, with :func:`random_init_tokenizer`."""
+    tokenizer = random_init_tokenizer()
+    config = random_init_config(cfg, len(tokenizer))
     model = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation)
     return model, tokenizer
 
