@@ -7,10 +7,10 @@ gradient checkpointing, bf16, max length) and the backbone's transformers config
 * **Replicated state.** ``Accelerator.prepare`` wraps the encoder in DDP on several processes:
   parameters, gradients and AdamW state are replicated on every GPU (no FSDP / ZeRO sharding), and
   DDP adds gradient buckets of the gradients' size (``gradient_as_bucket_view`` is off).
-* **Precision.** ``from_pretrained`` loads the checkpoint's ``dtype`` (transformers' ``"auto"``),
-  bfloat16 for Qwen2-0.5B; bf16 autocast does not add fp32 master weights, and torch's AdamW keeps
-  ``exp_avg`` and ``exp_avg_sq`` in the parameter dtype. A config without a dtype (the packaged
-  MiniLM, random models) is float32.
+* **Precision.** :func:`kalm_lib.encoder.load_backbone` loads every checkpoint in float32 (Qwen2-0.5B
+  is stored in bfloat16): the parameters are the master weights, bf16 autocast only changes the
+  forward's compute dtype, and torch's AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the
+  parameter dtype, so parameters, gradients and both moments take 4 bytes each.
 * **GradCache** (``mini_batch_size > 0``): only one chunk of at most ``mini_batch_size x
   max_length`` padded tokens keeps a graph at a time; the loss over the cached embeddings is
   backpropagated before the chunks are re-run, so the score matrices and a chunk's activations
@@ -183,12 +183,11 @@ def model_dims(cfg: ModelConfig) -> ModelDims:
 
 
 def dims_from_config(config: PretrainedConfig, source: str) -> ModelDims:
-    """:class:`ModelDims` of a transformers config; parameters take the config's ``dtype`` (what
-    ``from_pretrained`` loads), float32 when it names none (``from_config`` and old checkpoints)."""
+    """:class:`ModelDims` of a transformers config; parameters are float32 whatever dtype the config
+    names, as :func:`kalm_lib.encoder.load_backbone` loads them."""
     if config.model_type not in SUPPORTED:
         raise ConfigError(f"capacity plan supports model types {SUPPORTED}, not {config.model_type!r}")
     bert = config.model_type == "bert"
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     return ModelDims(
         model_type=config.model_type,
         hidden=config.hidden_size,
@@ -201,7 +200,7 @@ def dims_from_config(config: PretrainedConfig, source: str) -> ModelDims:
         token_types=config.type_vocab_size if bert else 0,
         hidden_dropout=config.hidden_dropout_prob if bert else 0.0,
         attention_dropout=config.attention_probs_dropout_prob if bert else config.attention_dropout,
-        param_bytes=dtype.itemsize,
+        param_bytes=torch.float32.itemsize,
         source=source,
     )
 
@@ -401,24 +400,26 @@ def _memory_lines(d: ModelDims, shape: StageShape, hw: Hardware, elem: int, atte
     params = parameter_count(d)
     weights = params * d.param_bytes
     buckets = weights if hw.gpus > 1 else 0
+    casts = params * elem if elem < d.param_bytes else 0  # autocast caches a bf16 copy of each weight per forward region
     tokens = shape.chunk_rows * shape.max_length
     acts = {on: activation_bytes(d, tokens, shape.max_length, elem, attention, on) for on in (True, False)}
     local, gathered = embedding_bytes(d, shape)
     scores = score_bytes(shape)
-    static = 4 * weights + buckets
+    static = 4 * weights + buckets + casts
     loss_phase = gathered + scores
     active = acts[shape.checkpointing]
     total = static + local + (max(active, loss_phase) if shape.grad_cache else active + loss_phase)
     dtype = {2: "bf16", 4: "fp32"}.get(d.param_bytes, f"{d.param_bytes} B")
     chunk = f"{shape.chunk_rows:,} texts x {shape.max_length} tokens, {elem} B/activation"
     prefixes = "+".join(map(str, shape.prefixes))
-    how_total = ("4 P + buckets + local embeddings + max(activations, gathered + scores) (GradCache)" if shape.grad_cache
+    how_total = ("4 P + buckets + casts + local embeddings + max(activations, gathered + scores) (GradCache)" if shape.grad_cache
                  else "every item together (no GradCache: every chunk keeps its graph)")
     lines = [
         Line("memory", "parameters", _gib(weights), "GiB", f"P = {params:,} x {d.param_bytes} B ({dtype}, replicated)"),
         Line("memory", "gradients", _gib(weights), "GiB", f"P x {d.param_bytes} B (parameter dtype)"),
         Line("memory", "AdamW state", _gib(2 * weights), "GiB", f"2 x P x {d.param_bytes} B (exp_avg, exp_avg_sq in the parameter dtype)"),
         Line("memory", "DDP gradient buckets", _gib(buckets), "GiB", "P x param bytes when gpus > 1 (DDP, no sharding)"),
+        Line("memory", "autocast weight copies", _gib(casts), "GiB", f"P x {elem} B under bf16 autocast (an upper bound: every weight)"),
         Line("memory", "activations, checkpointing on" + (" (used)" if shape.checkpointing else ""), _gib(acts[True]), "GiB",
              f"one chunk: {chunk}; L layer inputs + one layer"),
         Line("memory", "activations, checkpointing off" + ("" if shape.checkpointing else " (used)"), _gib(acts[False]), "GiB",

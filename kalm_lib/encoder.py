@@ -80,14 +80,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (or build) the backbone and tokenizer named by ``cfg``, bidirectional if asked."""
+    """Load (or build) the backbone and tokenizer named by ``cfg``, bidirectional if asked.
+
+    Parameters are float32 whatever the checkpoint's dtype (Qwen2-0.5B is stored in bfloat16):
+    they are the optimizer's master weights, and ``model.bf16`` runs the forward under bf16
+    autocast. Training bf16 parameters directly would round away most AdamW updates at the
+    recipe's learning rates (1e-5 x an update of order 1 is below bf16's resolution of ~4e-3
+    relative to a weight of order 1)."""
     if cfg.random_init:
         model, tokenizer = _random_backbone(cfg)
     else:
         path = resolve_model_path(cfg.name_or_path)
         try:
             tokenizer = load_tokenizer(path)
-            model = AutoModel.from_pretrained(path, attn_implementation=cfg.attn_implementation)
+            model = AutoModel.from_pretrained(path, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
         except OSError as exc:
             raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {exc}") from exc
     if tokenizer.pad_token is None:
