@@ -142,7 +142,8 @@ def test_natural_questions_column_is_query_not_the_question_its_prose_names(tmp_
 def test_positive_pairs_keep_only_the_pairs_labelled_same():
     """ATEC's score-0 pairs (different questions) are neither training pairs nor negatives."""
     raw = pd.read_parquet(fixture("hub_atec"))
-    frame = SINGLE_INPUT_BUILDERS["hub_positive_pairs"]({"hub_atec": load_source(CARDS["hub_atec"], data_files=fixture("hub_atec"))}, "hub_atec")
+    loaded = {"hub_atec": load_source(CARDS["hub_atec"], data_files=fixture("hub_atec"))}
+    frame = SINGLE_INPUT_BUILDERS["hub_positive_pairs"](loaded, "hub_atec")
     same = raw[raw["score"] == 1]
     assert frame["query"].tolist() == same["sentence1"].tolist() and frame["positive"].tolist() == same["sentence2"].tolist()
     assert not set(raw.loc[raw["score"] == 0, "sentence2"]) & set(frame["positive"]) and frame["negatives"].map(len).eq(0).all()
