@@ -51,7 +51,7 @@ def make_fixtures_module():
 
 
 def test_paper_cards_cover_the_hub_sources_and_their_derived_sets():
-    assert len(HUB_CARDS) == 10 and len(DERIVED) == 10
+    assert len(HUB_CARDS) == 11 and len(DERIVED) == 11
     assert {i for name in DERIVED for i in CARDS[name].inputs} == set(HUB_CARDS)
 
 
