@@ -252,6 +252,16 @@ def hub_pairs(sources: Sources, input_name: str) -> pd.DataFrame:
     return _examples(frame["query"], frame["positive"], negatives, [[] for _ in range(len(frame))])
 
 
+def hub_positive_pairs(sources: Sources, input_name: str) -> pd.DataFrame:
+    """The positive pairs of a labelled hub pair set (binary STS / paraphrase / question-matching
+    sets such as ATEC, LCQMC, BQ, AFQMC, PAWS-X, whose label 1 means "same meaning"): rows whose
+    ``label`` field is 1, as (query, positive) with no negatives. Rows labelled 0 are dropped, not
+    turned into negatives: the loss takes only rows that pair a text with an equivalent one."""
+    frame = sources[input_name]
+    frame = frame[frame["label"].astype(int) == 1]
+    return _examples(frame["query"], frame["positive"], [[] for _ in range(len(frame))], [[] for _ in range(len(frame))])
+
+
 # --- held-out evaluation tasks ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -340,7 +350,10 @@ def synset_clustering_task(
     return EvalTask(payload, frozenset(used), frozenset(used))
 
 
-SINGLE_INPUT_BUILDERS: dict[str, Callable[[Sources, str], pd.DataFrame]] = {"hub_pairs": hub_pairs}
+SINGLE_INPUT_BUILDERS: dict[str, Callable[[Sources, str], pd.DataFrame]] = {
+    "hub_pairs": hub_pairs,
+    "hub_positive_pairs": hub_positive_pairs,
+}
 TRAIN_BUILDERS: dict[str, Callable[[Sources], pd.DataFrame]] = {
     "gcide_definition_pairs": gcide_definition_pairs,
     "oewn_gloss_pairs": oewn_gloss_pairs,

@@ -27,11 +27,20 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures" / "hub"
 CARDS = load_cards(PAPER)
 HUB_CARDS = sorted(name for name, card in CARDS.items() if card.kind == "source" and card.loader == "hub")
 DERIVED = sorted(name for name, card in CARDS.items() if card.kind == "derived")
-ARROW_TYPES = {"string": pa.string()}  # dataset-card dtypes used by the paper's hub subsets
+ARROW_TYPES = {"string": pa.string(), "int32": pa.int32()}  # dataset-card dtypes used by the paper's hub subsets
 
 
 def fixture(name: str):
     return FIXTURES / f"{name}.parquet"
+
+
+def expected_rows(name: str) -> int:
+    """Rows a derived card builds from its source's fixture: all of them, or for
+    ``hub_positive_pairs`` the rows labelled 1."""
+    card = CARDS[name]
+    source = CARDS[card.inputs[0]]
+    raw = pd.read_parquet(fixture(source.name)).rename(columns=source.hub["columns"])
+    return int((raw["label"] == 1).sum()) if card.builder == "hub_positive_pairs" else len(raw)
 
 
 def make_fixtures_module():
@@ -42,7 +51,7 @@ def make_fixtures_module():
 
 
 def test_paper_cards_cover_the_hub_sources_and_their_derived_sets():
-    assert len(HUB_CARDS) == 7 and len(DERIVED) == 7
+    assert len(HUB_CARDS) == 11 and len(DERIVED) == 11
     assert {i for name in DERIVED for i in CARDS[name].inputs} == set(HUB_CARDS)
 
 
@@ -82,7 +91,8 @@ def test_hub_card_loads_offline_from_its_fixture(name):
     assert list(frame.columns) == card.fields and len(frame) == len(raw)
     for hub_column, field in card.hub["columns"].items():
         assert frame[field].tolist() == raw[hub_column].tolist()
-        assert frame[field].str.strip().str.len().gt(0).all(), field
+        if pd.api.types.is_string_dtype(raw[hub_column]):
+            assert frame[field].str.strip().str.len().gt(0).all(), field
 
 
 @pytest.mark.parametrize("name", DERIVED)
@@ -95,7 +105,7 @@ def test_derived_card_builds_from_its_fixture_sources(name):
     else:
         frame = TRAIN_BUILDERS[card.builder](loaded)
     assert list(frame.columns) == card.fields == EXAMPLE_COLUMNS
-    assert len(frame) == len(loaded[card.inputs[0]]) and frame["query"].str.len().gt(0).all()
+    assert len(frame) == expected_rows(name) and frame["query"].str.len().gt(0).all()
     has_negative = "negative" in CARDS[card.inputs[0]].fields
     assert frame["negatives"].map(len).eq(1 if has_negative else 0).all()
 
@@ -109,7 +119,7 @@ def test_paper_profile_curates_every_derived_card_from_the_fixtures(monkeypatch)
     result = curate(data, seed=42, cards_dir=REPO_ROOT / data.cards_dir)
     assert sorted(result.train) == DERIVED and not result.evals
     for name, frame in result.train.items():
-        assert len(frame) == len(pd.read_parquet(fixture(CARDS[name].inputs[0]))), name
+        assert len(frame) == expected_rows(name), name
     assert result.train["ft_hub_msmarco_triplets"]["negatives"].map(len).eq(1).all()
 
 
@@ -127,6 +137,16 @@ def test_natural_questions_column_is_query_not_the_question_its_prose_names(tmp_
     pq.write_table(pa.table({"question": ["who wrote hamlet"], "answer": ["Hamlet is a tragedy by William Shakespeare."]}), prose)
     with pytest.raises(DataCardError, match=r"hub_nq\.yaml: field 'hub\.columns' maps column\(s\) \['query'\]"):
         load_source(card, data_files=prose)
+
+
+def test_positive_pairs_keep_only_the_pairs_labelled_same():
+    """ATEC's score-0 pairs (different questions) are neither training pairs nor negatives."""
+    raw = pd.read_parquet(fixture("hub_atec"))
+    loaded = {"hub_atec": load_source(CARDS["hub_atec"], data_files=fixture("hub_atec"))}
+    frame = SINGLE_INPUT_BUILDERS["hub_positive_pairs"](loaded, "hub_atec")
+    same = raw[raw["score"] == 1]
+    assert frame["query"].tolist() == same["sentence1"].tolist() and frame["positive"].tolist() == same["sentence2"].tolist()
+    assert not set(raw.loc[raw["score"] == 0, "sentence2"]) & set(frame["positive"]) and frame["negatives"].map(len).eq(0).all()
 
 
 def test_local_files_keep_the_cards_limit():
