@@ -39,11 +39,18 @@ CARD_COLUMNS = ["name", "stage", "task_type", "size", "license", "instruction"]
 # --- prompts -----------------------------------------------------------------------------------
 
 
+def card_task(card: DataCard) -> str:
+    """The task name a card's prompt goes by: an evaluation card's ``mteb_task`` (a filled card, as
+    curation writes it, keeps the source card's extra fields under ``extra``), else the card's name."""
+    nested = card.extra.get("extra") or {}
+    return card.extra.get("mteb_task") or nested.get("mteb_task") or card.name
+
+
 def card_prompts(cards: Iterable[DataCard]) -> dict[str, str]:
     """Prompt name -> instruction prefix for every derived card with an instruction: a training set
-    under its card name, an evaluation set under its mteb task name (``mteb_task``)."""
+    under its card name, an evaluation set under its mteb task name."""
     return {
-        prompt_name(card.extra.get("mteb_task", card.name), card.symmetric): instruction_prompt(card.instruction)
+        prompt_name(card_task(card), card.symmetric): instruction_prompt(card.instruction)
         for card in cards
         if card.kind == "derived" and card.instruction
     }
@@ -104,7 +111,7 @@ def eval_results(scores: pd.DataFrame, label: str) -> list[EvalResult]:
             dataset_type=row.task if local else metadata.dataset["path"],
             dataset_revision=None if local else metadata.dataset.get("revision"),
             dataset_config=row.subset, dataset_split=row.split,
-            metric_type=row.metric, metric_value=float(row.score), source_name="kalm-study (mteb)",
+            metric_type=row.metric, metric_value=float(row.score),
         ))
     return results
 
