@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig
 from .config import PACKAGED_MINILM, Profile, TrainConfig
 from .data_cards import DataCard, load_cards
 from .encoder import saved_prompts
-from .instructions import instruction_prompt, prompt_name
+from .instructions import format_instructed, instruction_prompt, prompt_name
 from .layout import INCOMPLETE_PREFIX, MODEL_CARD, SOUP_PREFIX, STAGE1, RunLayout, is_soup_label, stage2_seed
 from .mteb_tasks import LOCAL_TASKS, find_task_metadata, standard_tasks, task_instruction
 from .outputs import write_output
@@ -197,7 +197,7 @@ queries = model.encode(["..."]{usage})  # queries (every text of a symmetric tas
 documents = model.encode(["..."])  # documents: bare, as in training
 ```
 
-Queries are formatted as in training (`Instruct: <task instruction> \\n Query: <text>`); the prompt
+Queries are formatted as in training (`{format_instructed("<task instruction>", "<text>")!r}`); the prompt
 names follow mteb's convention (`<task>-query`: queries only; `<task>`: every text).
 
 {prompt_rows}
