@@ -35,6 +35,10 @@ from .outputs import write_output
 
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the model the packaged alias installs
 CARD_COLUMNS = ["name", "stage", "task_type", "size", "license", "instruction"]
+SOUP_METHODS = {  # kalm_lib.soup, as the card describes them
+    "uniform": "uniform parameter average of every stage-2 seed (float64)",
+    "greedy": "greedy soup: stage-2 seeds averaged best-first, each kept only if the validation score does not drop",
+}
 
 # --- prompts -----------------------------------------------------------------------------------
 
@@ -154,7 +158,7 @@ def recipe_table(profile: Profile, label: str, folder: Path) -> str:
                     f"[{data.hard_negative_rank_min}, {data.hard_negative_rank_max}) |")
         rows.append(f"| stage 2 | seeds | {profile.finetune.seeds} |")
     if "soup" in stages:
-        rows.append(f"| soup | method | {label.removeprefix(SOUP_PREFIX)} parameter average of the stage-2 seeds "
+        rows.append(f"| soup | method | {SOUP_METHODS[label.removeprefix(SOUP_PREFIX)]} "
                     f"(selection task {profile.soup.selection_task}, validation split) |")
     return "\n".join(rows)
 
