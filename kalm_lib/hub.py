@@ -222,9 +222,10 @@ names follow mteb's convention (`<task>-query`: queries only; `<task>`: every te
 
 def model_card(profile: Profile, run_dir: Path, label: str, folder: Path) -> ModelCard:
     """The card of the saved model ``label`` of a run (its folder ``folder``), with its main MTEB
-    scores as model-index metadata when the run's score table has them."""
+    scores as model-index metadata when the run's score table has them (and its data cards when
+    the run holds them: a hand-built run folder may not)."""
     layout = RunLayout(run_dir)
-    cards = load_cards(layout.cards, check_inputs=False).values()
+    cards = load_cards(layout.cards, check_inputs=False).values() if layout.cards.is_dir() else []
     table = pd.read_csv(layout.mteb_scores) if layout.mteb_scores.is_file() else pd.DataFrame(columns=["stage", "is_main"])
     scores = eval_results(table, label)
     name = f"kalm-study-{profile.name}-{run_dir.name.removeprefix(INCOMPLETE_PREFIX)}-{label}"
