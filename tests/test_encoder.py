@@ -94,10 +94,11 @@ def test_saved_prompts_reproduce_the_training_format(model, minilm, tmp_path):
     st = reload(encoder, tmp_path / "st")
     assert st.prompts | PROMPTS == st.prompts and st.default_prompt_name is None
     assert type(st[0].tokenizer) is type(encoder.tokenizer)
+    texts = [*TEXTS, "a bank " * 100]  # the last one is truncated at max_length, prompt included
     for name, instruction in INSTRUCTIONS.items():
-        formatted = [format_instructed(instruction, text) for text in TEXTS]
-        np.testing.assert_allclose(st.encode(TEXTS, prompt_name=name, batch_size=2), encoder.encode(formatted), atol=1e-5)
-    np.testing.assert_allclose(st.encode(TEXTS, batch_size=2), encoder.encode(TEXTS), atol=1e-5)  # documents: bare
+        formatted = [format_instructed(instruction, text) for text in texts]
+        np.testing.assert_allclose(st.encode(texts, prompt_name=name, batch_size=2), encoder.encode(formatted), atol=1e-5)
+    np.testing.assert_allclose(st.encode(texts, batch_size=2), encoder.encode(texts), atol=1e-5)  # documents: bare
     assert saved_prompts(tmp_path / "st") == PROMPTS
     assert encoder_from_checkpoint(tmp_path / "st", ModelConfig(max_length=64)).prompts == PROMPTS
 
