@@ -13,7 +13,7 @@ Foundation
 Model
     bidirectional   drop a decoder's causal mask (transformers' own switch)
     pooling         mean / last-token / cls pooling over real tokens
-    encoder         backbone + pooling + L2 norm; save / reload as a sentence-transformers folder
+    encoder         backbone + pooling + L2 norm; save / reload as a sentence-transformers folder (with prompts)
 
 Data
     data_cards      source / derived / reference YAML cards, loaded and checked
@@ -39,6 +39,7 @@ Evaluation
     reference       published MTEB scores (reference card) beside a run
     ablations       grid of variants, paired deltas with confidence intervals, soup vs best single
     report          tables and figures the report notebook shows, read from a run folder
+    hub             a run's instruction prompts for saved models; the model card (recipe, data, model-index)
 
 Orchestration
     pipeline        one ``run_<stage>(profile, run_dir)`` per notebook

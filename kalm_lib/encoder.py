@@ -3,13 +3,16 @@
 ``load_encoder`` builds it from a :class:`ModelConfig`: the packaged all-MiniLM-L6-v2 (offline
 default), any local folder or hub name (Qwen2-0.5B on GPU hosts), or a tiny random model built
 from a config (tests). ``Encoder.save`` writes a folder that
-``sentence_transformers.SentenceTransformer(path)`` loads and that gives the same embeddings.
+``sentence_transformers.SentenceTransformer(path)`` loads and that gives the same embeddings: with
+``encode(texts, prompt_name=NAME)`` the instruction prompts the encoder carries
+(:mod:`kalm_lib.instructions`) are applied exactly as in training; a bidirectional decoder stays
+bidirectional (``config.is_causal`` is saved) and keeps its own tokenizer class.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
 
 from .bidirectional import enable_bidirectional, is_bidirectional
 from .config import PACKAGED_MINILM, ConfigError, ModelConfig
 from .pooling import POOLING_MODES, pool
 
 _ST_POOLING = {"mean": "mean", "last": "lasttoken", "cls": "cls"}
+ST_CONFIG = "config_sentence_transformers.json"  # prompts, default prompt, similarity of a saved model
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -79,6 +83,28 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
+def tokenizer_type(tokenizer: PreTrainedTokenizerBase, model_type: str) -> str | None:
+    """The ``tokenizer_type`` that makes ``AutoTokenizer`` load ``tokenizer``'s class from a folder
+    whose config says ``model_type``, or None when it loads that class anyway.
+
+    transformers 5 gives some model types their registered tokenizer whatever the folder declares
+    (see :func:`load_tokenizer`); ``AutoTokenizer.from_pretrained(path, tokenizer_type=T)`` loads
+    the tokenizer registered for model type ``T`` instead.
+    """
+    name = type(tokenizer).__name__
+    if TOKENIZER_MAPPING_NAMES.get(model_type) in (name, None):
+        return None
+    own = type(tokenizer).__module__.split(".")[-2]  # transformers.models.<type>.tokenization_<type>
+    kinds = [own, *TOKENIZER_MAPPING_NAMES]
+    return next((kind for kind in kinds if TOKENIZER_MAPPING_NAMES.get(kind) == name), None)
+
+
+def saved_prompts(path: Path) -> dict[str, str]:
+    """The prompts stored in a saved folder's ``config_sentence_transformers.json`` (none: empty)."""
+    config = path / ST_CONFIG
+    return dict(json.loads(config.read_text()).get("prompts") or {}) if config.is_file() else {}
+
+
 def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the backbone and tokenizer named by ``cfg``, bidirectional if asked.
 
@@ -111,9 +137,14 @@ def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
 
 
 class Encoder(nn.Module):
-    """Text -> L2-normalised embedding: backbone, pooling over real tokens, normalisation."""
+    """Text -> L2-normalised embedding: backbone, pooling over real tokens, normalisation.
 
-    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: str = "mean", max_length: int = 64) -> None:
+    ``prompts`` (prompt name -> instruction prefix) are not applied by the encoder (its callers
+    format their texts); they are saved with it, for sentence-transformers users.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: str = "mean",
+                 max_length: int = 64, prompts: Mapping[str, str] | None = None) -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ConfigError(f"model.pooling: {pooling!r} is not one of {POOLING_MODES}")
@@ -121,6 +152,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.prompts = dict(prompts or {})
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +196,8 @@ class Encoder(nn.Module):
         return out
 
     def save(self, path: Path) -> None:
-        """Write a sentence-transformers folder (Transformer -> Pooling -> Normalize)."""
+        """Write a sentence-transformers folder (Transformer -> Pooling -> Normalize) with the
+        encoder's prompts, no default prompt (documents are bare) and cosine similarity."""
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -175,25 +208,36 @@ class Encoder(nn.Module):
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ]
         (path / "modules.json").write_text(json.dumps(modules, indent=2))
-        (path / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2)
-        )
+        (path / "sentence_bert_config.json").write_text(json.dumps(self._transformer_config(), indent=2))
+        (path / ST_CONFIG).write_text(json.dumps(
+            {"model_type": "SentenceTransformer", "prompts": self.prompts, "default_prompt_name": None,
+             "similarity_fn_name": "cosine"}, indent=2))
         (path / "1_Pooling").mkdir(exist_ok=True)
         (path / "1_Pooling" / "config.json").write_text(
             json.dumps({"word_embedding_dimension": hidden, "pooling_mode": _ST_POOLING[self.pooling]}, indent=2)
         )
         (path / "2_Normalize").mkdir(exist_ok=True)
 
+    def _transformer_config(self) -> dict[str, object]:
+        """``sentence_bert_config.json``: length, casing and, where transformers would substitute
+        another tokenizer class on reload, the ``tokenizer_type`` that loads the saved one."""
+        config: dict[str, object] = {"max_seq_length": self.max_length, "do_lower_case": False}
+        kind = tokenizer_type(self.tokenizer, self.backbone.config.model_type)
+        if kind is not None:
+            config["processor_kwargs"] = {"tokenizer_type": kind}
+        return config
 
-def load_encoder(cfg: ModelConfig) -> Encoder:
-    """Build the :class:`Encoder` described by ``cfg``."""
+
+def load_encoder(cfg: ModelConfig, prompts: Mapping[str, str] | None = None) -> Encoder:
+    """Build the :class:`Encoder` described by ``cfg``, carrying ``prompts`` (see :class:`Encoder`)."""
     backbone, tokenizer = load_backbone(cfg)
-    return Encoder(backbone, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length)
+    return Encoder(backbone, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length, prompts=prompts)
 
 
 def encoder_from_checkpoint(path: Path, cfg: ModelConfig) -> Encoder:
-    """Re-open a saved stage folder with the profile's pooling and length settings."""
+    """Re-open a saved stage folder with the profile's pooling and length settings and the folder's
+    prompts (a stage trained from it saves them again)."""
     if not path.is_dir():
         raise ConfigError(f"checkpoint folder not found: {path}")
     local = ModelConfig(**{**cfg.__dict__, "name_or_path": str(path), "random_init": {}})
-    return load_encoder(local)
+    return load_encoder(local, saved_prompts(path))

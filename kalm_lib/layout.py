@@ -22,7 +22,8 @@ are the constants below. A run folder::
       checkpoints/                 notebooks 02-04
         stage1/final               (a stage folder: StageLayout; state_<step>/ while it trains)
         stage2_seed<S>/final
-        soup_<method>
+        soup_<method>              every model folder loads in sentence-transformers; the final
+                                   model's also holds README.md (model card, notebook 05)
       metrics/                     one file per stage
         bidirectional_check.csv  stage1_history.json  stage2_seed<S>_history.json
         mining_quality.csv  mining_samples.csv  soup_trace.csv  mteb_scores.csv
@@ -62,6 +63,7 @@ REPORT_NOTEBOOK = "report.ipynb"
 HISTORY_SUFFIX = "_history.json"
 SERIES_PROGRESS = "series_progress.json"
 RUNNER_LOCK = ".runner.lock"
+MODEL_CARD = "README.md"  # the model card inside a saved model folder (kalm_lib.hub)
 
 
 def stage2_label(seed: int) -> str:

@@ -8,7 +8,7 @@ folder, at the paths :class:`kalm_lib.layout.RunLayout` names, and returns what 
     02        run_mining               mined_shard(set), card(set), mining_quality, mining_samples
     03        run_finetuning           stage2(seed), history(stage2_label(seed))
     04        run_soup                 soup(method), soup_trace, mteb_validation
-    05        run_evaluation           mteb, mteb_scores, per_item_scores
+    05        run_evaluation           mteb, mteb_scores, per_item_scores, the final model's card
 
 Notebook 06 reads them back through :mod:`kalm_lib.report`.
 """
@@ -29,6 +29,7 @@ from .curation import curate, load_train_sets, sample_seed, task_texts, write_cu
 from .data_cards import DataCardError, load_cards
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
+from .hub import run_prompts, write_model_card
 from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, StageLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
@@ -153,10 +154,12 @@ def run_bidirectional_check(profile: Profile, run_dir: Path) -> pd.DataFrame:
 # --- 02 / 03 training --------------------------------------------------------------------------
 
 def run_pretraining(profile: Profile, run_dir: Path) -> StageResult:
-    """Stage 1: InfoNCE with in-batch negatives on the weakly supervised pairs."""
+    """Stage 1: InfoNCE with in-batch negatives on the weakly supervised pairs. The encoder carries
+    the run's instruction prompts (:func:`kalm_lib.hub.run_prompts`); every later stage reopens a
+    saved folder and keeps them."""
     layout = RunLayout(run_dir)
     torch.manual_seed(profile.seed)  # a randomly initialised backbone starts from the profile's seed
-    encoder = load_encoder(profile.model)
+    encoder = load_encoder(profile.model, run_prompts(profile, run_dir))
     if not profile.pretrain.enabled:
         write_folder(layout.stage1.final, encoder.save)
         return StageResult(final_dir=layout.stage1.final)
@@ -259,7 +262,8 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings.
+    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings,
+    and its folder gets a model card with its scores (:func:`kalm_lib.hub.write_model_card`).
 
     Every model is evaluated on fresh copies of the tasks, so all see the same random draws (paired).
     The base model is scored twice: with the KaLM instructions (``base``, as every trained stage) and
@@ -292,4 +296,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     write_output(concat_per_item(items), layout.per_item_scores)
     if profile.evaluation.benchmarks:
         write_output(stage_benchmark_means(layout.mteb, profile.evaluation.benchmarks, scores), layout.benchmark_means)
+    final, folder = list(models.items())[-1]
+    if folder is not None:
+        write_model_card(profile, run_dir, final, folder)
     return scores

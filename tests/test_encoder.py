@@ -1,14 +1,20 @@
-"""The encoder: model resolution, pooling contract, encode order, sentence-transformers round trip."""
+"""The encoder: model resolution, pooling contract, encode order, sentence-transformers round trip
+(prompts in the training format, a bidirectional decoder staying bidirectional)."""
 
 import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from kalm_lib.bidirectional import first_token_sensitivity
 from kalm_lib.config import PACKAGED_MINILM, ConfigError, ModelConfig
-from kalm_lib.encoder import encoder_from_checkpoint, load_encoder, resolve_model_path
+from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder, resolve_model_path, saved_prompts
+from kalm_lib.instructions import format_instructed, instruction_prompt
 
 TEXTS = ["a bank lends money", "the river bank", "x", "an exceptionally long sentence " * 6]
+INSTRUCTIONS = {"Definitions-query": "Given a dictionary definition, retrieve the word it defines",
+                "Synonyms": "Retrieve words with the same meaning as the given word"}
+PROMPTS = {name: instruction_prompt(instruction) for name, instruction in INSTRUCTIONS.items()}
 TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "intermediate_size": 64}
 
@@ -67,3 +73,48 @@ def test_tiny_decoder_checkpoint_round_trip(tmp_path, pooling):
     with torch.no_grad():
         encoder.eval(), reloaded.eval()
         torch.testing.assert_close(encoder(features), reloaded(features), atol=1e-6, rtol=0)
+
+
+def tiny_decoder(bidirectional: bool = True, attn: str = "sdpa") -> Encoder:
+    """The tiny random Qwen2 encoder (MiniLM's tokenizer), the same weights whatever the switches."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(random_init=TINY_QWEN2, bidirectional=bidirectional, attn_implementation=attn)
+    return load_encoder(cfg, PROMPTS).eval()
+
+
+def reload(encoder: Encoder, path, **kwargs) -> SentenceTransformer:
+    """Save ``encoder`` and load the folder with sentence-transformers."""
+    encoder.save(path)
+    return SentenceTransformer(str(path), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny_qwen2"])
+def test_saved_prompts_reproduce_the_training_format(model, minilm, tmp_path):
+    encoder = Encoder(minilm.backbone, minilm.tokenizer, max_length=64, prompts=PROMPTS) if model == "minilm" else tiny_decoder()
+    st = reload(encoder, tmp_path / "st")
+    assert st.prompts | PROMPTS == st.prompts and st.default_prompt_name is None
+    assert type(st[0].tokenizer) is type(encoder.tokenizer)
+    texts = [*TEXTS, "a bank " * 100]  # the last one is truncated at max_length, prompt included
+    for name, instruction in INSTRUCTIONS.items():
+        formatted = [format_instructed(instruction, text) for text in texts]
+        np.testing.assert_allclose(st.encode(texts, prompt_name=name, batch_size=2), encoder.encode(formatted), atol=1e-5)
+    np.testing.assert_allclose(st.encode(texts, batch_size=2), encoder.encode(texts), atol=1e-5)  # documents: bare
+    assert saved_prompts(tmp_path / "st") == PROMPTS
+    assert encoder_from_checkpoint(tmp_path / "st", ModelConfig(max_length=64)).prompts == PROMPTS
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_reloaded_decoder_stays_bidirectional(attn, batch_size, tmp_path):
+    """Equal to the bidirectional encoder and far from its causal twin (the same weights with the
+    causal mask): a reload that fell back to causal attention fails the second assertion. Batch
+    size 1 has no padding, so no mask is built and SDPA's own causal switch is what is tested."""
+    bidirectional, causal = tiny_decoder(True, attn), tiny_decoder(False, attn)
+    for key, value in causal.backbone.state_dict().items():
+        torch.testing.assert_close(bidirectional.backbone.state_dict()[key], value, atol=0, rtol=0)
+    st = reload(bidirectional, tmp_path / "st", model_kwargs={"attn_implementation": attn})
+    reloaded = st.encode(TEXTS, batch_size=batch_size)
+    np.testing.assert_allclose(reloaded, bidirectional.encode(TEXTS, batch_size=batch_size), atol=1e-5)
+    assert np.abs(reloaded - causal.encode(TEXTS, batch_size=batch_size)).max(axis=1).min() > 1e-2
+    batch = bidirectional.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert first_token_sensitivity(st[0].auto_model, batch["input_ids"], batch["attention_mask"]) > 1e-3

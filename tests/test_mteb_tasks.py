@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from huggingface_hub import ModelCard
 from mteb import AbsTask, TaskResult
 from mteb.mocks.mock_tasks.clustering import LegacyMockClusteringFastTask
 from mteb.mocks.mock_tasks.pair_classification import MockPairClassificationTask
@@ -45,7 +46,7 @@ from kalm_lib.evaluation import (
     tidy_results,
 )
 from kalm_lib.instructions import format_instructed
-from kalm_lib.layout import RunLayout
+from kalm_lib.layout import MODEL_CARD, RunLayout
 from kalm_lib.mteb_tasks import (
     LOCAL_TASKS,
     _union,
@@ -668,6 +669,9 @@ def test_run_evaluation_scores_identical_weights_identically(hand_built_run: tup
     soup_vs_seed = table[table["model_b"] == TWINS[2]]
     assert (soup_vs_seed[["delta", "ci_low", "ci_high"]] == 0.0).all().all()
     assert (table["n_items"] == table["task"].map({RETRIEVAL: len(DEFINITIONS), PAIRS: len(PAIR_LEFT)})).all()
+    card = ModelCard.load(RunLayout(run).soup("uniform") / MODEL_CARD)  # the final model's card
+    main = by_stage[TWINS[2]][by_stage[TWINS[2]]["is_main"]]
+    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == dict(zip(main["task"], main["score"]))
 
 
 def test_validation_score_is_paired(hand_built_run: tuple[Profile, Path]) -> None:
