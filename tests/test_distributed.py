@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kalm_lib.config import load_profile
+from kalm_lib.hard_negative_mixing import MixingConfig
 from kalm_lib.layout import RunLayout
-from kalm_lib.losses import KalmContrastiveLoss  # light: the spawned workers import this module
+from kalm_lib.losses import KalmContrastiveLoss, MatryoshkaLoss, StackedLoss, TextKeys  # light: the spawned workers import this module
 
 WORLD, LOCAL, NEGATIVES, DIM = 2, 3, 2, 8
 TIMEOUT = 180
@@ -44,31 +46,60 @@ def free_port() -> int:
 # --- gather_with_grad --------------------------------------------------------------------------
 
 def embeddings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global batch of unit-norm queries, positives and hard negatives (same on every process)."""
+    """Global batch of unit-norm queries, positives and hard negatives (same on every process);
+    row 0's two negatives are one text (one key, one vector), so its row alone has a single
+    distinct hard negative to mix from."""
     g = torch.Generator().manual_seed(0)
     shapes = ((WORLD * LOCAL, DIM), (WORLD * LOCAL, DIM), (WORLD * LOCAL, NEGATIVES, DIM))
-    return tuple(F.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in shapes)
+    q, p, n = (F.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in shapes)
+    n[0, 1] = n[0, 0]
+    return q, p, n
 
 
-def loss_and_grads(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch: bool) -> tuple[float, list[torch.Tensor]]:
-    leaves = [t.clone().requires_grad_() for t in (q, p, n)]
-    loss = KalmContrastiveLoss(0.05, focal_gamma=1.0)(*leaves, in_batch_negatives=in_batch)
+def text_keys() -> TextKeys:
+    """Keys of :func:`embeddings`' texts: all distinct but row 0's two negatives."""
+    negatives = 1000 + torch.arange(WORLD * LOCAL * NEGATIVES).reshape(WORLD * LOCAL, NEGATIVES)
+    negatives[0, 1] = negatives[0, 0]
+    return TextKeys(torch.arange(WORLD * LOCAL), negatives)
+
+
+def make_loss(case: str) -> StackedLoss:
+    """``focal``: focal InfoNCE. ``mixing``: Matryoshka over focal InfoNCE with hard-negative mixing
+    (top_k above the candidates a row has, so k is set by the row with the fewest), a fresh
+    generator of seed 0 on every process."""
+    if case == "focal":
+        return KalmContrastiveLoss(0.05, focal_gamma=1.0)
+    mixing = MixingConfig(top_k=16, pairs=2, query_mixes=1)
+    return MatryoshkaLoss(KalmContrastiveLoss(0.05, 1.0, mixing, torch.Generator().manual_seed(0)), [DIM, DIM // 2], [1.0, 0.3])
+
+
+CASES = [(case, in_batch) for case in ("focal", "mixing") for in_batch in (True, False)]
+
+
+def loss_and_grads(case: str, in_batch: bool, rows: slice = slice(None)) -> tuple[float, list[np.ndarray]]:
+    """Loss of the ``rows`` of the global batch and the gradients of its embeddings (numpy arrays:
+    they cross the process boundary by value)."""
+    leaves = [t[rows].clone().requires_grad_() for t in embeddings()]
+    keys = text_keys()
+    loss = make_loss(case)(*leaves, in_batch_negatives=in_batch, keys=TextKeys(keys.positives[rows], keys.negatives[rows]))
     loss.backward()
-    return loss.item(), [t.grad for t in leaves]
+    return loss.item(), [t.grad.numpy() for t in leaves]
 
 
 def _worker(rank: int, store: str, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        shard = [t[rank * LOCAL : (rank + 1) * LOCAL] for t in embeddings()]
-        results.put((rank, {in_batch: loss_and_grads(*shard, in_batch) for in_batch in (True, False)}))
+        shard = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results.put((rank, {case: loss_and_grads(*case, shard) for case in CASES}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
+    """Cross-device negatives, focal weight, Matryoshka and hard-negative mixing (the same draws
+    and the same k for a global row however the batch is split): 2 processes = 1 process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # A file store rendezvous: no TCP port that another process could take in between.
@@ -83,13 +114,13 @@ def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
             if proc.is_alive():
                 proc.kill()
     assert all(proc.exitcode == 0 for proc in procs)
-    for in_batch in (True, False):
-        loss, grads = loss_and_grads(*embeddings(), in_batch)
-        assert sum(r[in_batch][0] for r in local) / WORLD == pytest.approx(loss, abs=1e-6)
+    for case in CASES:
+        loss, grads = loss_and_grads(*case)
+        assert sum(r[case][0] for r in local) / WORLD == pytest.approx(loss, abs=1e-6), case
         for index, single in enumerate(grads):
-            gathered = torch.cat([r[in_batch][1][index] for r in local])
-            assert gathered.abs().sum() > 0
-            torch.testing.assert_close(gathered / WORLD, single, rtol=0, atol=1e-6)
+            gathered = np.concatenate([r[case][1][index] for r in local])
+            assert np.abs(gathered).sum() > 0
+            np.testing.assert_allclose(gathered / WORLD, single, rtol=1e-5, atol=1e-6, err_msg=str(case))
 
 
 # --- the train command on 2 processes vs 1 -----------------------------------------------------
