@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 
 from kalm_lib.config import load_profile
 from kalm_lib.hard_negative_mixing import MixingConfig
-from kalm_lib.layout import RunLayout
+from kalm_lib.layout import RunLayout, StageLayout
 from kalm_lib.losses import KalmContrastiveLoss, MatryoshkaLoss, StackedLoss, TextKeys  # light: the spawned workers import this module
 
 WORLD, LOCAL, NEGATIVES, DIM = 2, 3, 2, 8
@@ -152,6 +153,40 @@ def run_clis(commands: list[list[str]]) -> list[str]:
     return outputs
 
 
+def launch(processes: int) -> list[str]:
+    """The command prefix that starts ``python -m kalm_lib`` on ``processes`` CPU processes."""
+    if processes == 1:
+        return [sys.executable]
+    # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
+    # process (`--cpu` would start a single process).
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    ]
+
+
+def assert_same_training(multi: Path, single: Path, label: str, stage: Callable[[Path], StageLayout], learning_rate: float) -> None:
+    """Same loss and gradient-norm history (``label``) and, but for float-rounding-level entries,
+    the same final weights (``stage`` of the run folder) in the 2-process and 1-process runs."""
+    history = {n: json.loads(RunLayout(run).history(label).read_text()) for n, run in ((2, multi), (1, single))}
+    assert [h["set"] for h in history[2]] == [h["set"] for h in history[1]]
+    assert [h["loss"] for h in history[2]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-5)
+    assert [h["grad_norm"] for h in history[2]] == pytest.approx([h["grad_norm"] for h in history[1]], rel=1e-5)
+    a, b = (load_file(stage.final / "model.safetensors") for stage in (stage(multi), stage(single)))
+    assert a.keys() == b.keys()
+    # Adam moves a parameter by up to ~lr per step whatever its gradient's size, so an entry whose
+    # gradient is at float-rounding level (a rarely seen token) may differ by the summation order of
+    # the two set-ups; everything else must agree to 1e-5.
+    steps = len(history[1])
+    close = total = 0
+    for key in a:
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.max()) <= 2 * learning_rate * steps, key
+        close += int((diff <= 1e-5).sum())
+        total += diff.numel()
+    assert close / total > 0.99999
+
+
 @pytest.fixture(scope="module")
 def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) -> dict[int, tuple[Path, str]]:
     """Run folder and stdout of ``train --stage pretrain`` with 2 processes and with 1."""
@@ -160,40 +195,42 @@ def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) ->
     for processes in (2, 1):
         folders[processes] = tmp_path_factory.mktemp(f"procs{processes}")
         shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
-    # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
-    # process (`--cpu` would start a single process).
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-    ]
-    outputs = run_clis([
-        [*launch, *train, "--run-dir", str(folders[2])],
-        [sys.executable, *train, "--run-dir", str(folders[1])],
-    ])
+    outputs = run_clis([[*launch(processes), *train, "--run-dir", str(folders[processes])] for processes in (2, 1)])
     return {2: (folders[2], outputs[0]), 1: (folders[1], outputs[1])}
 
 
 def test_two_processes_train_like_one(stage1_runs) -> None:
     (multi, multi_out), (single, single_out) = stage1_runs[2], stage1_runs[1]
-    a = load_file(RunLayout(multi).stage1.final / "model.safetensors")
-    b = load_file(RunLayout(single).stage1.final / "model.safetensors")
-    assert a.keys() == b.keys()
-    history = {n: json.loads(RunLayout(run).history("stage1").read_text()) for n, run in ((2, multi), (1, single))}
-    assert [h["set"] for h in history[2]] == [h["set"] for h in history[1]]
-    assert [h["loss"] for h in history[2]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-5)
-    assert [h["grad_norm"] for h in history[2]] == pytest.approx([h["grad_norm"] for h in history[1]], rel=1e-5)
-    # Adam moves a parameter by up to ~lr per step whatever its gradient's size, so an entry whose
-    # gradient is at float-rounding level (a rarely seen token) may differ by the summation order of
-    # the two set-ups; everything else must agree to 1e-5.
-    steps, lr = len(history[1]), load_profile("tiny").pretrain.learning_rate
-    close = total = 0
-    for key in a:
-        diff = (a[key] - b[key]).abs()
-        assert float(diff.max()) <= 2 * lr * steps, key
-        close += int((diff <= 1e-5).sum())
-        total += diff.numel()
-    assert close / total > 0.99999
+    assert_same_training(multi, single, "stage1", lambda run: RunLayout(run).stage1, load_profile("tiny").pretrain.learning_rate)
     assert multi_out.count("pretrain complete:") == 1 == single_out.count("pretrain complete:")  # main process only
+
+
+# Stage 2 with every part of the recipe the tiny profile switches on (2 mined hard negatives per
+# query, focal gamma 1, hard-negative mixing, Matryoshka 32/16) and GradCache: chunks of at most
+# 2 x 32 padded tokens, far below a process's 16 texts of a step.
+FINETUNE = ["--stage", "finetune", "--seed", "0", "--set", "finetune.mini_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path, stage1_runs) -> dict[int, tuple[Path, str]]:
+    """Run folder and stdout of ``train --stage finetune`` (GradCache) with 2 processes and with 1,
+    both from the same stage-1 model (the single process's)."""
+    train = ["-m", "kalm_lib", "train", "--profile", "tiny", *FINETUNE]
+    folders = {}
+    for processes in (2, 1):
+        folders[processes] = tmp_path_factory.mktemp(f"stage2-procs{processes}")
+        shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
+        shutil.copytree(RunLayout(stage1_runs[1][0]).stage1.final, RunLayout(folders[processes]).stage1.final)
+    outputs = run_clis([[*launch(processes), *train, "--run-dir", str(folders[processes])] for processes in (2, 1)])
+    return {2: (folders[2], outputs[0]), 1: (folders[1], outputs[1])}
+
+
+def test_two_processes_finetune_like_one_with_grad_cache_and_mixing(stage2_runs) -> None:
+    (multi, multi_out), (single, single_out) = stage2_runs[2], stage2_runs[1]
+    profile = load_profile("tiny")
+    assert profile.finetune.hard_negative_mixing and profile.finetune.focal_gamma > 0 and profile.finetune.matryoshka_dims
+    assert_same_training(multi, single, "stage2_seed0", lambda run: RunLayout(run).stage2(0), profile.finetune.learning_rate)
+    assert multi_out.count("finetune complete:") == 1 == single_out.count("finetune complete:")
 
 
 def test_train_command_finetunes_one_seed(stage1_runs) -> None:
