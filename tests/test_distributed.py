@@ -2,10 +2,14 @@
 
 * ``gather_with_grad`` inside :class:`KalmContrastiveLoss`: two spawned processes, each holding half
   of a batch of random embeddings, get W x the gradients of the single-process big-batch loss
-  (the mean of the local losses is the big-batch loss; DDP then averages the parameter gradients).
+  (the mean of the local losses is the big-batch loss; DDP then averages the parameter gradients),
+  with the focal weight, Matryoshka, repeated-text keys and hard-negative mixing (same draws and
+  same k per global row).
 * The ``train`` command under ``accelerate launch`` with 2 processes and in 1 process, on copies of
-  the same curated folder: same stage-1 weights and loss history. Stage 1 has no mixing RNG and the
-  tiny Qwen2 no dropout, so only float rounding differs.
+  the same curated folder: same stage-1 weights and loss history; same stage-2 weights and loss
+  history with GradCache, mined hard negatives, focal weight, mixing and Matryoshka (from the same
+  stage-1 model), also when the 2-process stage 2 is killed after its first state and resumed.
+  The tiny Qwen2 has no dropout, so only float rounding differs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,6 +236,31 @@ def test_two_processes_finetune_like_one_with_grad_cache_and_mixing(stage2_runs)
     assert profile.finetune.hard_negative_mixing and profile.finetune.focal_gamma > 0 and profile.finetune.matryoshka_dims
     assert_same_training(multi, single, "stage2_seed0", lambda run: RunLayout(run).stage2(0), profile.finetune.learning_rate)
     assert multi_out.count("finetune complete:") == 1 == single_out.count("finetune complete:")
+
+
+def test_two_processes_killed_and_resumed_finetune_like_one(tmp_path: Path, curated_tiny: Path, stage1_runs, stage2_runs) -> None:
+    """The data position and mixing draws of a 2-process state: the 2-process stage 2 killed
+    (SIGKILL, every process) once its first state is saved, then launched again, ends where the
+    uninterrupted single process ends."""
+    from benchmarks.fault_injection import kill_tree
+    from kalm_lib.training import states
+
+    layout = RunLayout(tmp_path)
+    shutil.copytree(RunLayout(curated_tiny).data, layout.data)
+    shutil.copytree(RunLayout(stage1_runs[1][0]).stage1.final, layout.stage1.final)
+    command = [*launch(2), "-m", "kalm_lib", "train", "--profile", "tiny", *FINETUNE, "--run-dir", str(tmp_path)]
+    first = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not states(layout.stage2(0)) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        killed = kill_tree(first)
+    assert killed and states(layout.stage2(0)) and not layout.stage2(0).final.exists()
+    (resumed,) = run_clis([command])
+    assert "resuming from state_" in resumed
+    assert_same_training(tmp_path, stage2_runs[1][0], "stage2_seed0", lambda run: RunLayout(run).stage2(0),
+                         load_profile("tiny").finetune.learning_rate)
 
 
 def test_train_command_finetunes_one_seed(stage1_runs) -> None:
