@@ -35,3 +35,14 @@ def gather_without_grad(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def global_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over every process (``value`` itself on one process); ``device`` is
+    where the process group's backend reduces (CUDA for NCCL)."""
+    _, size = world()
+    if size == 1:
+        return value
+    found = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return int(found.item())

@@ -13,6 +13,10 @@ negatives n (unit vectors) by s(q_i, n) and keep the ``top_k`` hardest, H_i. The
 
 Synthetic vectors are constants (``detach``): gradient flows only through q_i in s(q_i, h). They
 join q_i's own denominator, never another query's.
+
+Several processes draw exactly what one process with the same global batch draws: k is the
+minimum over the global batch, and every random draw is made (on the CPU) for all global rows,
+each process keeping the rows of its shard, so row i's draws depend on the generator and i only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .distributed import global_min
 
 
 @dataclass(frozen=True)
@@ -41,30 +47,48 @@ class MixingConfig:
 
 
 def hardest_negatives(queries: Tensor, candidates: Tensor, allowed: Tensor, top_k: int) -> Tensor:
-    """[B, k, D] embeddings of the ``k = min(top_k, allowed per row)`` most similar allowed candidates."""
+    """[B, k, D] embeddings of the ``k = min(top_k, allowed per row)`` most similar allowed candidates
+    (the fewest allowed over the rows of every process: the global batch's k)."""
     scores = (queries @ candidates.T).masked_fill(~allowed, float("-inf"))
-    k = min(top_k, int(allowed.sum(dim=1).min()))
+    k = min(top_k, global_min(int(allowed.sum(dim=1).min()), allowed.device))
     if k < 1:
         raise ValueError("hard-negative mixing needs at least one negative per query")
     return candidates[scores.topk(k, dim=1).indices]
 
 
-def synthesise(queries: Tensor, hardest: Tensor, cfg: MixingConfig, generator: torch.Generator | None = None) -> Tensor:
+def _shard_rows(draw: Tensor, rank: int, batch: int, device: torch.device) -> Tensor:
+    """This process's rows (``batch`` from ``rank * batch``) of a draw made for the global batch."""
+    return draw[rank * batch : (rank + 1) * batch].to(device)
+
+
+def synthesise(
+    queries: Tensor,
+    hardest: Tensor,
+    cfg: MixingConfig,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tensor:
     """[B, pairs + query_mixes, D] synthetic unit-norm negatives (detached) for each query
-    ([B, query_mixes, D] when fewer than 2 hardest negatives exist)."""
+    ([B, query_mixes, D] when fewer than 2 hardest negatives exist).
+
+    ``generator`` is a CPU generator (None: the global CPU RNG). The B local rows are rows
+    ``rank * B`` onwards of a global batch of ``world_size * B``: draws are made for all of them,
+    so a row's draws do not depend on how the batch is split over processes.
+    """
     batch, k, _ = hardest.shape
-    device = queries.device
+    total, device = batch * world_size, queries.device
     parts = []
     rows = torch.arange(batch, device=device)[:, None]
     if cfg.pairs and k >= 2:
-        first = torch.randint(k, (batch, cfg.pairs), generator=generator, device=device)
-        second = torch.randint(k - 1, (batch, cfg.pairs), generator=generator, device=device)
+        first = _shard_rows(torch.randint(k, (total, cfg.pairs), generator=generator), rank, batch, device)
+        second = _shard_rows(torch.randint(k - 1, (total, cfg.pairs), generator=generator), rank, batch, device)
         second = second + (second >= first).long()  # uniform over the k - 1 others: never itself
-        alpha = torch.rand(batch, cfg.pairs, 1, generator=generator, device=device)
+        alpha = _shard_rows(torch.rand(total, cfg.pairs, 1, generator=generator), rank, batch, device)
         parts.append(alpha * hardest[rows, first] + (1 - alpha) * hardest[rows, second])
     if cfg.query_mixes:
-        index = torch.randint(k, (batch, cfg.query_mixes), generator=generator, device=device)
-        beta = cfg.beta_max * torch.rand(batch, cfg.query_mixes, 1, generator=generator, device=device)
+        index = _shard_rows(torch.randint(k, (total, cfg.query_mixes), generator=generator), rank, batch, device)
+        beta = cfg.beta_max * _shard_rows(torch.rand(total, cfg.query_mixes, 1, generator=generator), rank, batch, device)
         parts.append(beta * queries[:, None, :] + (1 - beta) * hardest[rows, index])
     if not parts:
         return queries.new_zeros(batch, 0, queries.shape[1])

@@ -112,7 +112,9 @@ class KalmContrastiveLoss(StackedLoss):
             loss. 0 is plain InfoNCE (the weight is skipped, not multiplied by 1).
         mixing: :class:`~kalm_lib.hard_negative_mixing.MixingConfig` to synthesise extra negatives
             per query from its hardest candidates (None: off). Synthetic vectors are constants.
-        generator: torch RNG for the mixing draws (None: the global RNG).
+        generator: CPU torch RNG for the mixing draws (None: the global CPU RNG). Draws are made for
+            the global batch (each process keeps its rows), so processes holding the same generator
+            state draw what one process with the whole batch draws.
 
     Inputs:
         ``forward(queries [B, D], positives [B, D], negatives [B, M, D] | None, in_batch_negatives,
@@ -180,7 +182,7 @@ class KalmContrastiveLoss(StackedLoss):
         batch, dim = queries.shape
         negatives = queries.new_zeros(batch, 0, dim) if negatives is None else negatives
         per_query = negatives.shape[1]
-        rank, _ = world()
+        rank, size = world()
         all_pos = gather_with_grad(positives)
         all_neg = gather_with_grad(negatives.reshape(-1, dim))
         candidates = torch.cat([all_pos, all_neg], dim=0)
@@ -197,7 +199,7 @@ class KalmContrastiveLoss(StackedLoss):
             if candidate_keys is not None:
                 negative_mask = distinct_allowed(negative_mask, candidate_keys)
             hardest = hardest_negatives(queries.detach(), candidates.detach(), negative_mask, self.mixing.top_k)
-            synthetic = synthesise(queries.detach(), hardest, self.mixing, self.generator)
+            synthetic = synthesise(queries.detach(), hardest, self.mixing, self.generator, rank, size)
             logits = torch.cat([logits, torch.einsum("bd,bmd->bm", queries, synthetic)], dim=1)
         return focal_infonce(logits / self.temperature, own, self.focal_gamma)
 

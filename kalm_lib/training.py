@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
@@ -62,8 +63,16 @@ def make_accelerator(bf16: bool) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss | MatryoshkaLoss:
-    """The stage's loss from its config (mixing and Matryoshka only when switched on)."""
+def mixing_generator(seed: int, step: int) -> torch.Generator:
+    """CPU generator for the hard-negative mixing draws of step ``step`` (0-based), a function of
+    ``(seed, step)`` only: every process draws for every global row what one process would
+    (:func:`kalm_lib.hard_negative_mixing.synthesise`), and a resumed run what an uninterrupted one draws."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def build_loss(cfg: TrainConfig, generator: torch.Generator | None = None) -> KalmContrastiveLoss | MatryoshkaLoss:
+    """The stage's loss from its config (mixing and Matryoshka only when switched on); ``generator``
+    feeds the mixing draws (None: the global RNG)."""
     mixing = (
         MixingConfig(
             top_k=cfg.mixing_top_k, pairs=cfg.mixing_pairs, query_mixes=cfg.mixing_query, beta_max=cfg.mixing_query_beta_max
@@ -71,7 +80,7 @@ def build_loss(cfg: TrainConfig) -> KalmContrastiveLoss | MatryoshkaLoss:
         if cfg.hard_negative_mixing
         else None
     )
-    loss = KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing)
+    loss = KalmContrastiveLoss(cfg.temperature, cfg.focal_gamma, mixing, generator)
     return MatryoshkaLoss(loss, cfg.matryoshka_dims, cfg.matryoshka_weights) if cfg.matryoshka_dims else loss
 
 
@@ -197,7 +206,6 @@ def train_stage(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     model, optimizer = accelerator.prepare(encoder, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = build_loss(cfg)
     plan = batch_plan({name: len(frame) for name, (frame, _) in sets.items()}, cfg.batch_size, cfg.steps, seed)
     n_neg = {name: negatives_per_query(frame, 10**9) for name, (frame, _) in sets.items()}
     start, history = 0, []
@@ -216,6 +224,7 @@ def train_stage(
             frame, card = sets[name]
             batch = make_batch(frame, card, rows, n_neg[name], accelerator.process_index, accelerator.num_processes)
             chunks = step_chunks(encoder, batch, cfg)
+            loss_fn = build_loss(cfg, mixing_generator(seed, step))
             if cfg.mini_batch_size:
                 loss = cached_backward(model, chunks, stacked_loss(batch, loss_fn), accelerator)
             else:

@@ -2,10 +2,14 @@
 
 * ``gather_with_grad`` inside :class:`KalmContrastiveLoss`: two spawned processes, each holding half
   of a batch of random embeddings, get W x the gradients of the single-process big-batch loss
-  (the mean of the local losses is the big-batch loss; DDP then averages the parameter gradients).
+  (the mean of the local losses is the big-batch loss; DDP then averages the parameter gradients),
+  with the focal weight, Matryoshka, repeated-text keys and hard-negative mixing (same draws and
+  same k per global row).
 * The ``train`` command under ``accelerate launch`` with 2 processes and in 1 process, on copies of
-  the same curated folder: same stage-1 weights and loss history. Stage 1 has no mixing RNG and the
-  tiny Qwen2 no dropout, so only float rounding differs.
+  the same curated folder: same stage-1 weights and loss history; same stage-2 weights and loss
+  history with GradCache, mined hard negatives, focal weight, mixing and Matryoshka (from the same
+  stage-1 model), also when the 2-process stage 2 is killed after its first state and resumed.
+  The tiny Qwen2 has no dropout, so only float rounding differs.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,8 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kalm_lib.config import load_profile
-from kalm_lib.layout import RunLayout
-from kalm_lib.losses import KalmContrastiveLoss  # light: the spawned workers import this module
+from kalm_lib.hard_negative_mixing import MixingConfig
+from kalm_lib.layout import RunLayout, StageLayout
+from kalm_lib.losses import KalmContrastiveLoss, MatryoshkaLoss, StackedLoss, TextKeys  # light: the spawned workers import this module
 
 WORLD, LOCAL, NEGATIVES, DIM = 2, 3, 2, 8
 TIMEOUT = 180
@@ -44,31 +52,60 @@ def free_port() -> int:
 # --- gather_with_grad --------------------------------------------------------------------------
 
 def embeddings() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global batch of unit-norm queries, positives and hard negatives (same on every process)."""
+    """Global batch of unit-norm queries, positives and hard negatives (same on every process);
+    row 0's two negatives are one text (one key, one vector), so its row alone has a single
+    distinct hard negative to mix from."""
     g = torch.Generator().manual_seed(0)
     shapes = ((WORLD * LOCAL, DIM), (WORLD * LOCAL, DIM), (WORLD * LOCAL, NEGATIVES, DIM))
-    return tuple(F.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in shapes)
+    q, p, n = (F.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in shapes)
+    n[0, 1] = n[0, 0]
+    return q, p, n
 
 
-def loss_and_grads(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch: bool) -> tuple[float, list[torch.Tensor]]:
-    leaves = [t.clone().requires_grad_() for t in (q, p, n)]
-    loss = KalmContrastiveLoss(0.05, focal_gamma=1.0)(*leaves, in_batch_negatives=in_batch)
+def text_keys() -> TextKeys:
+    """Keys of :func:`embeddings`' texts: all distinct but row 0's two negatives."""
+    negatives = 1000 + torch.arange(WORLD * LOCAL * NEGATIVES).reshape(WORLD * LOCAL, NEGATIVES)
+    negatives[0, 1] = negatives[0, 0]
+    return TextKeys(torch.arange(WORLD * LOCAL), negatives)
+
+
+def make_loss(case: str) -> StackedLoss:
+    """``focal``: focal InfoNCE. ``mixing``: Matryoshka over focal InfoNCE with hard-negative mixing
+    (top_k above the candidates a row has, so k is set by the row with the fewest), a fresh
+    generator of seed 0 on every process."""
+    if case == "focal":
+        return KalmContrastiveLoss(0.05, focal_gamma=1.0)
+    mixing = MixingConfig(top_k=16, pairs=2, query_mixes=1)
+    return MatryoshkaLoss(KalmContrastiveLoss(0.05, 1.0, mixing, torch.Generator().manual_seed(0)), [DIM, DIM // 2], [1.0, 0.3])
+
+
+CASES = [(case, in_batch) for case in ("focal", "mixing") for in_batch in (True, False)]
+
+
+def loss_and_grads(case: str, in_batch: bool, rows: slice = slice(None)) -> tuple[float, list[np.ndarray]]:
+    """Loss of the ``rows`` of the global batch and the gradients of its embeddings (numpy arrays:
+    they cross the process boundary by value)."""
+    leaves = [t[rows].clone().requires_grad_() for t in embeddings()]
+    keys = text_keys()
+    loss = make_loss(case)(*leaves, in_batch_negatives=in_batch, keys=TextKeys(keys.positives[rows], keys.negatives[rows]))
     loss.backward()
-    return loss.item(), [t.grad for t in leaves]
+    return loss.item(), [t.grad.numpy() for t in leaves]
 
 
 def _worker(rank: int, store: str, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        shard = [t[rank * LOCAL : (rank + 1) * LOCAL] for t in embeddings()]
-        results.put((rank, {in_batch: loss_and_grads(*shard, in_batch) for in_batch in (True, False)}))
+        shard = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results.put((rank, {case: loss_and_grads(*case, shard) for case in CASES}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
+    """Cross-device negatives, focal weight, Matryoshka and hard-negative mixing (the same draws
+    and the same k for a global row however the batch is split): 2 processes = 1 process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # A file store rendezvous: no TCP port that another process could take in between.
@@ -83,13 +120,13 @@ def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
             if proc.is_alive():
                 proc.kill()
     assert all(proc.exitcode == 0 for proc in procs)
-    for in_batch in (True, False):
-        loss, grads = loss_and_grads(*embeddings(), in_batch)
-        assert sum(r[in_batch][0] for r in local) / WORLD == pytest.approx(loss, abs=1e-6)
+    for case in CASES:
+        loss, grads = loss_and_grads(*case)
+        assert sum(r[case][0] for r in local) / WORLD == pytest.approx(loss, abs=1e-6), case
         for index, single in enumerate(grads):
-            gathered = torch.cat([r[in_batch][1][index] for r in local])
-            assert gathered.abs().sum() > 0
-            torch.testing.assert_close(gathered / WORLD, single, rtol=0, atol=1e-6)
+            gathered = np.concatenate([r[case][1][index] for r in local])
+            assert np.abs(gathered).sum() > 0
+            np.testing.assert_allclose(gathered / WORLD, single, rtol=1e-5, atol=1e-6, err_msg=str(case))
 
 
 # --- the train command on 2 processes vs 1 -----------------------------------------------------
@@ -121,6 +158,40 @@ def run_clis(commands: list[list[str]]) -> list[str]:
     return outputs
 
 
+def launch(processes: int) -> list[str]:
+    """The command prefix that starts ``python -m kalm_lib`` on ``processes`` CPU processes."""
+    if processes == 1:
+        return [sys.executable]
+    # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
+    # process (`--cpu` would start a single process).
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    ]
+
+
+def assert_same_training(multi: Path, single: Path, label: str, stage: Callable[[Path], StageLayout], learning_rate: float) -> None:
+    """Same loss and gradient-norm history (``label``) and, but for float-rounding-level entries,
+    the same final weights (``stage`` of the run folder) in the 2-process and 1-process runs."""
+    history = {n: json.loads(RunLayout(run).history(label).read_text()) for n, run in ((2, multi), (1, single))}
+    assert [h["set"] for h in history[2]] == [h["set"] for h in history[1]]
+    assert [h["loss"] for h in history[2]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-5)
+    assert [h["grad_norm"] for h in history[2]] == pytest.approx([h["grad_norm"] for h in history[1]], rel=1e-5)
+    a, b = (load_file(stage.final / "model.safetensors") for stage in (stage(multi), stage(single)))
+    assert a.keys() == b.keys()
+    # Adam moves a parameter by up to ~lr per step whatever its gradient's size, so an entry whose
+    # gradient is at float-rounding level (a rarely seen token) may differ by the summation order of
+    # the two set-ups; everything else must agree to 1e-5.
+    steps = len(history[1])
+    close = total = 0
+    for key in a:
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.max()) <= 2 * learning_rate * steps, key
+        close += int((diff <= 1e-5).sum())
+        total += diff.numel()
+    assert close / total > 0.99999
+
+
 @pytest.fixture(scope="module")
 def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) -> dict[int, tuple[Path, str]]:
     """Run folder and stdout of ``train --stage pretrain`` with 2 processes and with 1."""
@@ -129,40 +200,67 @@ def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) ->
     for processes in (2, 1):
         folders[processes] = tmp_path_factory.mktemp(f"procs{processes}")
         shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
-    # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
-    # process (`--cpu` would start a single process).
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-    ]
-    outputs = run_clis([
-        [*launch, *train, "--run-dir", str(folders[2])],
-        [sys.executable, *train, "--run-dir", str(folders[1])],
-    ])
+    outputs = run_clis([[*launch(processes), *train, "--run-dir", str(folders[processes])] for processes in (2, 1)])
     return {2: (folders[2], outputs[0]), 1: (folders[1], outputs[1])}
 
 
 def test_two_processes_train_like_one(stage1_runs) -> None:
     (multi, multi_out), (single, single_out) = stage1_runs[2], stage1_runs[1]
-    a = load_file(RunLayout(multi).stage1.final / "model.safetensors")
-    b = load_file(RunLayout(single).stage1.final / "model.safetensors")
-    assert a.keys() == b.keys()
-    history = {n: json.loads(RunLayout(run).history("stage1").read_text()) for n, run in ((2, multi), (1, single))}
-    assert [h["set"] for h in history[2]] == [h["set"] for h in history[1]]
-    assert [h["loss"] for h in history[2]] == pytest.approx([h["loss"] for h in history[1]], abs=1e-5)
-    assert [h["grad_norm"] for h in history[2]] == pytest.approx([h["grad_norm"] for h in history[1]], rel=1e-5)
-    # Adam moves a parameter by up to ~lr per step whatever its gradient's size, so an entry whose
-    # gradient is at float-rounding level (a rarely seen token) may differ by the summation order of
-    # the two set-ups; everything else must agree to 1e-5.
-    steps, lr = len(history[1]), load_profile("tiny").pretrain.learning_rate
-    close = total = 0
-    for key in a:
-        diff = (a[key] - b[key]).abs()
-        assert float(diff.max()) <= 2 * lr * steps, key
-        close += int((diff <= 1e-5).sum())
-        total += diff.numel()
-    assert close / total > 0.99999
+    assert_same_training(multi, single, "stage1", lambda run: RunLayout(run).stage1, load_profile("tiny").pretrain.learning_rate)
     assert multi_out.count("pretrain complete:") == 1 == single_out.count("pretrain complete:")  # main process only
+
+
+# Stage 2 with every part of the recipe the tiny profile switches on (2 mined hard negatives per
+# query, focal gamma 1, hard-negative mixing, Matryoshka 32/16) and GradCache: chunks of at most
+# 2 x 32 padded tokens, far below a process's 16 texts of a step.
+FINETUNE = ["--stage", "finetune", "--seed", "0", "--set", "finetune.mini_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path, stage1_runs) -> dict[int, tuple[Path, str]]:
+    """Run folder and stdout of ``train --stage finetune`` (GradCache) with 2 processes and with 1,
+    both from the same stage-1 model (the single process's)."""
+    train = ["-m", "kalm_lib", "train", "--profile", "tiny", *FINETUNE]
+    folders = {}
+    for processes in (2, 1):
+        folders[processes] = tmp_path_factory.mktemp(f"stage2-procs{processes}")
+        shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
+        shutil.copytree(RunLayout(stage1_runs[1][0]).stage1.final, RunLayout(folders[processes]).stage1.final)
+    outputs = run_clis([[*launch(processes), *train, "--run-dir", str(folders[processes])] for processes in (2, 1)])
+    return {2: (folders[2], outputs[0]), 1: (folders[1], outputs[1])}
+
+
+def test_two_processes_finetune_like_one_with_grad_cache_and_mixing(stage2_runs) -> None:
+    (multi, multi_out), (single, single_out) = stage2_runs[2], stage2_runs[1]
+    profile = load_profile("tiny")
+    assert profile.finetune.hard_negative_mixing and profile.finetune.focal_gamma > 0 and profile.finetune.matryoshka_dims
+    assert_same_training(multi, single, "stage2_seed0", lambda run: RunLayout(run).stage2(0), profile.finetune.learning_rate)
+    assert multi_out.count("finetune complete:") == 1 == single_out.count("finetune complete:")
+
+
+def test_two_processes_killed_and_resumed_finetune_like_one(tmp_path: Path, curated_tiny: Path, stage1_runs, stage2_runs) -> None:
+    """The data position and mixing draws of a 2-process state: the 2-process stage 2 killed
+    (SIGKILL, every process) once its first state is saved, then launched again, ends where the
+    uninterrupted single process ends."""
+    from benchmarks.fault_injection import kill_tree
+    from kalm_lib.training import states
+
+    layout = RunLayout(tmp_path)
+    shutil.copytree(RunLayout(curated_tiny).data, layout.data)
+    shutil.copytree(RunLayout(stage1_runs[1][0]).stage1.final, layout.stage1.final)
+    command = [*launch(2), "-m", "kalm_lib", "train", "--profile", "tiny", *FINETUNE, "--run-dir", str(tmp_path)]
+    first = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not states(layout.stage2(0)) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        killed = kill_tree(first)
+    assert killed and states(layout.stage2(0)) and not layout.stage2(0).final.exists()
+    (resumed,) = run_clis([command])
+    assert "resuming from state_" in resumed
+    assert_same_training(tmp_path, stage2_runs[1][0], "stage2_seed0", lambda run: RunLayout(run).stage2(0),
+                         load_profile("tiny").finetune.learning_rate)
 
 
 def test_train_command_finetunes_one_seed(stage1_runs) -> None:

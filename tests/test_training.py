@@ -23,7 +23,7 @@ from kalm_lib.curation import load_train_sets
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
 from kalm_lib.layout import RunLayout, StageLayout
 from kalm_lib.pipeline import open_run
-from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, step_chunks, train_stage
+from kalm_lib.training import TrainSets, batch_loss, build_loss, make_accelerator, mixing_generator, step_chunks, train_stage
 
 TEXTS = ["a bank lends money", "the bank of the river was steep", "run", "to move fast on foot"]
 
@@ -253,3 +253,10 @@ def test_final_folder_tokenizes_like_the_trained_encoder(curated, trained) -> No
     encoder, final = trained
     reloaded = encoder_from_checkpoint(final, curated[0].model)
     assert reloaded.token_ids(TEXTS) == encoder.token_ids(TEXTS)
+
+
+def test_mixing_generator_depends_on_seed_and_step_only() -> None:
+    # Reproducible from (seed, step), so processes and resumed runs agree; new draws at every step.
+    draws = {(seed, step): torch.rand(4, generator=mixing_generator(seed, step)) for seed in (0, 1) for step in (0, 1)}
+    assert torch.equal(torch.rand(4, generator=mixing_generator(0, 1)), draws[0, 1])
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)
