@@ -163,6 +163,28 @@ def block_best_keys(scores: torch.Tensor, pool_offset: int, k: int, decimals: in
     return best
 
 
+def keys_above(scores: torch.Tensor, pool_offset: int, floor: torch.Tensor, decimals: int) -> torch.Tensor:
+    """[B, c] :func:`ranking_keys` of the columns of a score block that may lie above grid point
+    ``floor[b]`` of their row (the rest of each row padded with the smallest int64), c the most any row has.
+
+    A column reaches grid point floor + 1 only if score * 10^d >= floor + 0.5, so a float threshold
+    (floor + 0.5) / 10^d, lowered by 1e-6 against float32 rounding, keeps a superset of them: one
+    comparison per score instead of a ``topk``.
+    """
+    threshold = ((floor.double() + 0.5) / 10**decimals - 1e-6).float()
+    rows, columns = (scores >= threshold[:, None]).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=len(scores))
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # rank of the column within its row
+    keys = torch.full((len(scores), int(counts.max()) if len(rows) else 0), torch.iinfo(torch.long).min, dtype=torch.long)
+    keys[rows, slot] = (quantised(scores[rows, columns], decimals) << _TIE_BITS) - (columns + pool_offset)
+    return keys
+
+
+def grid_of(keys: torch.Tensor) -> torch.Tensor:
+    """The grid point round(score * 10^d) a :func:`ranking_keys` key carries in its high bits."""
+    return (keys + (1 << _TIE_BITS) - 1) >> _TIE_BITS
+
+
 def pool_indices(keys: torch.Tensor) -> np.ndarray:
     """The pool index each :func:`ranking_keys` key carries in its low 32 bits."""
     low = keys & ((1 << _TIE_BITS) - 1)
@@ -173,10 +195,13 @@ def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: Minin
     """[Q, k] pool indices of each query's k best candidates by :func:`ranking_keys`, best first.
 
     Blocked and exact: for each block of ``cfg.block_queries`` queries, the pool is scanned
-    ``cfg.block_pool`` candidates at a time; each [block_queries, block_pool] score block (cosine =
-    dot product of unit vectors) gives its k best keys (:func:`block_best_keys`), merged into a
-    running [block_queries, k] top-k. Keys are unique, so the result equals ranking each full row of
-    the queries x pool matrix, ties included, for any block sizes; memory is
+    ``cfg.block_pool`` candidates at a time, in pool order, into a running [block_queries, k]
+    top-k of keys. Each [block_queries, block_pool] score block (cosine = dot product of unit
+    vectors) contributes its k best keys (:func:`block_best_keys`) until the running top-k is
+    full; after that only the columns above the grid point of each row's k-th key
+    (:func:`keys_above`): a later column has a larger pool index, so on the k-th key's grid point
+    it ranks below it. Keys are unique, so the result equals ranking each full row of the
+    queries x pool matrix, ties included, for any block sizes; memory is
     O(block_queries x (block_pool + k)) beside the embeddings, whatever Q and the pool size.
     """
     k = min(k, len(pool_vecs))
@@ -186,7 +211,11 @@ def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: Minin
         queries = torch.from_numpy(query_vecs[q0 : q0 + cfg.block_queries])
         best = torch.empty(len(queries), 0, dtype=torch.long)
         for p0 in range(0, len(pool), cfg.block_pool):
-            block = block_best_keys(queries @ pool[p0 : p0 + cfg.block_pool].T, p0, k, cfg.score_decimals)
+            scores = queries @ pool[p0 : p0 + cfg.block_pool].T
+            if best.shape[1] < k:
+                block = block_best_keys(scores, p0, k, cfg.score_decimals)
+            else:
+                block = keys_above(scores, p0, grid_of(best[:, -1]), cfg.score_decimals)
             best = torch.cat([best, block], dim=1).topk(min(k, best.shape[1] + block.shape[1]), dim=1).values
         out[q0 : q0 + len(queries)] = pool_indices(best)
     return out

@@ -64,11 +64,12 @@ BLOCKS = [(1, 1), (3, 7), (7, 97), (20, 60), (64, 299), (1024, 16384)]
 
 
 @pytest.mark.parametrize(("block_queries", "block_pool"), BLOCKS)
-@pytest.mark.parametrize("decimals", [1, 4])
+@pytest.mark.parametrize("decimals", [1, 3, 4])
 def test_blocked_top_k_equals_the_full_matrix_ranking_ties_included(block_queries, block_pool, decimals):
-    # 300 candidates (block sizes that divide it and ones that don't), exact scores on a coarse grid,
-    # and a vector repeated 40 times: more than k = 25 candidates tie on one grid point, so the
-    # smaller pool index decides, inside a block and across blocks.
+    # 300 candidates (block sizes that divide it and ones that don't), exact scores, and a vector
+    # repeated 40 times: more than k = 25 candidates tie on one grid point, so the smaller pool
+    # index decides, inside a block and across blocks. decimals=1 puts every score on one grid
+    # point; decimals=3 puts later blocks' candidates one grid point above a row's k-th key.
     rng = np.random.default_rng(0)
     queries, pool = dyadic_rows(rng, 20, 16), dyadic_rows(rng, 300, 16)
     pool[100:140] = pool[5]
