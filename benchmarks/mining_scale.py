@@ -39,7 +39,7 @@ from .memory import MIB, RssMeter, settle
 NAME = "mining_scale"
 DIM = 384
 FULL_SIZES = ("10000x100000", "10000x1000000", "100000x100000", "100000x1000000")
-QUICK_SIZES = ("200x4096", "200x32768", "1000x4096", "1000x32768")
+QUICK_SIZES = ("200x2048", "200x16384", "600x16384")
 QUICK_BLOCKS = (128, 1024)  # block_queries, block_pool with --quick: pools span several blocks
 GROWTH_GOAL_MIB = 64.0  # RSS readings move by tens of MiB between processes
 WINDOW = MiningConfig(count=7, rank_min=50, rank_max=100)  # the paper's ranks 50-100
