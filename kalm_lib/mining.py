@@ -352,12 +352,22 @@ def mining_quality(
         return {"slots": 0.0}
     counts = Counter(slots)
     rows = np.repeat(np.arange(len(mined)), [len(n) for n in mined["negatives"]])
-    negatives = pool_vecs[[position[n] for n in slots]]
-    random = pool_vecs[np.random.default_rng(seed).integers(len(pool_vecs), size=len(slots))]
+    negatives = np.array([position[n] for n in slots])
+    random = np.random.default_rng(seed).integers(len(pool_vecs), size=len(slots))
     return {
         "slots": float(len(slots)),
         "distinct_ratio": len(counts) / len(slots),
         "top10_share": sum(c for _, c in counts.most_common(10)) / len(slots),
-        "mean_cos_negative": float(np.einsum("sd,sd->s", query_vecs[rows], negatives).mean()),
-        "mean_cos_random": float(np.einsum("sd,sd->s", query_vecs[rows], random).mean()),
+        "mean_cos_negative": float(paired_dots(query_vecs, rows, pool_vecs, negatives).mean()),
+        "mean_cos_random": float(paired_dots(query_vecs, rows, pool_vecs, random).mean()),
     }
+
+
+def paired_dots(left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray,
+                chunk: int = 65536) -> np.ndarray:
+    """left[left_rows[s]] . right[right_rows[s]] for every slot s, ``chunk`` slots at a time (never
+    a [slots, dim] copy of the vectors)."""
+    return np.concatenate([
+        np.einsum("sd,sd->s", left[left_rows[start : start + chunk]], right[right_rows[start : start + chunk]])
+        for start in range(0, len(left_rows), chunk)
+    ])

@@ -15,6 +15,7 @@ from kalm_lib.mining import (
     banned_keys,
     mine_hard_negatives,
     mining_quality,
+    paired_dots,
     pool_table,
     related_by_key,
     top_ranked,
@@ -186,6 +187,14 @@ def test_quality_table_by_hand():
     assert quality["mean_cos_negative"] == pytest.approx((1 + 0.6 + 1) / 3)
     draws = np.random.default_rng(0).integers(3, size=3)
     assert quality["mean_cos_random"] == pytest.approx(float(np.mean(pool[draws] @ query[0])))
+
+
+def test_paired_dots_are_the_same_in_chunks():
+    rng = np.random.default_rng(8)
+    left, right = unit_rows(rng, 10, 4), unit_rows(rng, 30, 4)
+    left_rows, right_rows = rng.integers(10, size=25), rng.integers(30, size=25)
+    expected = np.einsum("sd,sd->s", left[left_rows], right[right_rows])
+    np.testing.assert_array_equal(paired_dots(left, left_rows, right, right_rows, chunk=4), expected)
 
 
 def test_pool_is_every_word_not_held_out_with_its_relations():
