@@ -6,6 +6,7 @@
 * The ``train`` command under ``accelerate launch`` with 2 processes and in 1 process, on copies of
   the same curated folder: same stage-1 weights and loss history. Stage 1 has no mixing RNG and the
   tiny Qwen2 no dropout, so only float rounding differs.
+* The ``mine`` stage under ``accelerate launch`` with 2 processes and in 1: the same mined sets.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -121,6 +123,15 @@ def run_clis(commands: list[list[str]]) -> list[str]:
     return outputs
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """``accelerate launch`` of ``processes`` local processes. --multi_gpu picks accelerate's torchrun
+    launcher; without CUDA every process is a gloo CPU process (`--cpu` would start a single one)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    ]
+
+
 @pytest.fixture(scope="module")
 def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) -> dict[int, tuple[Path, str]]:
     """Run folder and stdout of ``train --stage pretrain`` with 2 processes and with 1."""
@@ -129,14 +140,8 @@ def stage1_runs(tmp_path_factory: pytest.TempPathFactory, curated_tiny: Path) ->
     for processes in (2, 1):
         folders[processes] = tmp_path_factory.mktemp(f"procs{processes}")
         shutil.copytree(RunLayout(curated_tiny).data, RunLayout(folders[processes]).data)
-    # --multi_gpu picks accelerate's torchrun launcher; without CUDA every process is a gloo CPU
-    # process (`--cpu` would start a single process).
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-    ]
     outputs = run_clis([
-        [*launch, *train, "--run-dir", str(folders[2])],
+        [*accelerate_launch(2), *train, "--run-dir", str(folders[2])],
         [sys.executable, *train, "--run-dir", str(folders[1])],
     ])
     return {2: (folders[2], outputs[0]), 1: (folders[1], outputs[1])}
@@ -163,6 +168,22 @@ def test_two_processes_train_like_one(stage1_runs) -> None:
         total += diff.numel()
     assert close / total > 0.99999
     assert multi_out.count("pretrain complete:") == 1 == single_out.count("pretrain complete:")  # main process only
+
+
+def test_two_processes_mine_like_one(stage1_runs, tmp_path: Path) -> None:
+    # Each process encodes and ranks a share of the rows, the shares are gathered, the main
+    # process writes: the same mined shards and cards (SHA-256 included) as one process.
+    runs = {processes: tmp_path / f"mine{processes}" for processes in (2, 1)}
+    for run in runs.values():
+        shutil.copytree(stage1_runs[1][0], run)
+        shutil.rmtree(RunLayout(run).mined_shard("any").parent, ignore_errors=True)
+    mine = ["-m", "kalm_lib", "train", "--profile", "tiny", "--stage", "mine"]
+    run_clis([[*accelerate_launch(2), *mine, "--run-dir", str(runs[2])], [sys.executable, *mine, "--run-dir", str(runs[1])]])
+    shards = {n: sorted(RunLayout(run).mined_shard("any").parent.glob("*.parquet")) for n, run in runs.items()}
+    assert shards[1] and [p.name for p in shards[2]] == [p.name for p in shards[1]]
+    for multi, single in zip(shards[2], shards[1]):
+        pd.testing.assert_frame_equal(pd.read_parquet(multi), pd.read_parquet(single))
+        assert RunLayout(runs[2]).card(multi.stem).read_text() == RunLayout(runs[1]).card(single.stem).read_text()
 
 
 def test_train_command_finetunes_one_seed(stage1_runs) -> None:
