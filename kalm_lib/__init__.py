@@ -8,7 +8,7 @@ Foundation
     outputs         the one writer of run-level files (main process only, temp name + rename)
     instructions    the KaLM instruction format, the one place it is spelled
     manifest        git state, package versions, machine and data hashes for run manifests
-    distributed     rank / world and the gathers for cross-device negatives (autograd-aware and plain)
+    distributed     rank / world, the gathers for cross-device negatives (autograd-aware and plain), shards and row gathers
 
 Model
     bidirectional   drop a decoder's causal mask (transformers' own switch)

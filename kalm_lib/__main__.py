@@ -53,7 +53,8 @@ def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = No
     ``seed`` picks the single stage-2 seed to train (default: every ``finetune.seeds``) or, for
     stage 1, replaces the profile's top-level seed. Works under ``accelerate launch`` /
     ``torch.distributed.run``: every process trains its shard; only the main process writes the
-    run-level files (histories, final folders). Mining runs on the main process only. Returns the
+    run-level files (histories, final folders). Mining: every process encodes and ranks its shard,
+    the shards are gathered and only the main process writes the mined shards. Returns the
     folder of the (last) final encoder, or the data folder after mining.
     """
     import torch
@@ -78,8 +79,7 @@ def train_command(profile: str, run_dir: Path, stage: str, seed: int | None = No
     if stage == "pretrain":
         final = pipeline.run_pretraining(cfg, run_dir).final_dir
     elif stage == "mine":
-        if state.is_main_process:
-            pipeline.run_mining(cfg, run_dir)
+        pipeline.run_mining(cfg, run_dir)
         final = RunLayout(run_dir).data
     else:
         final = pipeline.run_finetuning(cfg, run_dir)[-1].final_dir

@@ -1,7 +1,9 @@
-"""Cross-process helpers for contrastive losses (torch.distributed; a no-op on one process)."""
+"""Cross-process helpers (torch.distributed; a no-op on one process): rank / world, gathers for
+contrastive losses, shards and row gathers for mining."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -46,3 +48,27 @@ def global_min(value: int, device: torch.device) -> int:
     found = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(found, op=dist.ReduceOp.MIN)
     return int(found.item())
+
+
+def shard(count: int) -> slice:
+    """This process's contiguous share of ``count`` items: [count r / W, count (r + 1) / W); all of them on one process."""
+    rank, size = world()
+    return slice(count * rank // size, count * (rank + 1) // size)
+
+
+def gather_rows(array: np.ndarray) -> np.ndarray:
+    """Concatenate every process's ``array`` along dim 0 in rank order (row counts may differ); ``array`` itself on one process.
+
+    Each process pads its rows to the longest share, ``all_gather`` moves them (on the current CUDA
+    device under NCCL, else on the CPU) and the padding is cut off again.
+    """
+    _, size = world()
+    if size == 1:
+        return array
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = gather_without_grad(torch.tensor([len(array)], device=device)).tolist()
+    rows = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    longest = max(*counts, 1)
+    padded = torch.cat([rows, rows.new_zeros((longest - len(array), *array.shape[1:]))])
+    parts = gather_without_grad(padded).split(longest)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]).cpu().numpy()

@@ -20,8 +20,11 @@ candidate across the window's edge only when it crosses a rounding boundary; the
 read in pool order and each row draws from its own RNG stream, so one changed row never shifts
 another row's draws.
 
-Memory is bounded by blocks: ``block_queries`` x ``block_pool`` scores at a time, with a running
-top-k per query, never the queries x pool matrix.
+Memory is bounded by blocks: embeddings are encoded in batches (and, with several processes,
+in one shard per process, gathered), and scores are computed ``block_queries`` x ``block_pool``
+at a time with a running top-k per query (:func:`top_ranked`), never the queries x pool matrix.
+Beside the embeddings, mining needs O(block_queries x (block_pool + k)) memory whatever the
+number of queries and the pool size.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ import torch
 from .builders import word_key
 from .curation import file_sha256
 from .data_cards import DataCard, write_card
+from .distributed import gather_rows, shard
 from .encoder import Encoder
 from .instructions import format_instructed
 from .layout import RunLayout
-from .outputs import write_output
+from .outputs import is_main_process, write_output
 
 _TIE_BITS = 32  # pool indices live in the low bits of the ranking key
 MAX_DECIMALS = 8  # |score| <= 1, so round(score * 10^8) fits the 31 bits above them
@@ -55,7 +59,7 @@ class MiningConfig:
     rank_max: int
     score_decimals: int = 4  # scores rounded to this many decimals before ranking (float-noise guard), 0..8
     consistency_filter: bool = True  # drop rows whose positive ranks below the window start
-    block_queries: int = 512  # queries scored at once
+    block_queries: int = 1024  # queries scored at once (a [block_queries, block_pool] float32 block: 64 MiB)
     block_pool: int = 16384  # pool candidates scored at once
     seed: int = 0  # per-row RNG streams derive from (seed, row)
     banned_margin: int = 64  # extra ranks fetched so banned candidates can be skipped
@@ -66,7 +70,7 @@ class MiningConfig:
         if not 0 <= self.rank_min < self.rank_max:
             raise ValueError(f"mining: need 0 <= rank_min < rank_max, got [{self.rank_min}, {self.rank_max})")
         if self.block_queries < 1 or self.block_pool < 1:
-            raise ValueError("mining: block sizes must be >= 1")
+            raise ValueError(f"mining: block sizes must be >= 1, got block_queries={self.block_queries}, block_pool={self.block_pool}")
         if not 0 <= self.score_decimals <= MAX_DECIMALS:  # the ranking key holds scores * 10^d in 31 bits
             raise ValueError(f"mining: score_decimals must lie in [0, {MAX_DECIMALS}], got {self.score_decimals}")
 
@@ -107,12 +111,23 @@ def pool_table(sources: Mapping[str, pd.DataFrame], held_out_keys: frozenset[str
 
 
 def write_mined(frame: pd.DataFrame, card: DataCard, layout: RunLayout) -> None:
-    """Write the mined shard and point the set's filled card at it (size and SHA-256 updated)."""
+    """Write the mined shard and point the set's filled card at it (size and SHA-256 updated); main process only."""
+    if not is_main_process():
+        return
     path = layout.mined_shard(card.name)
     write_output(frame, path)
     record = card.filled(size=len(frame), sha256=file_sha256(path),
                          file=str(path.relative_to(layout.data)), mined_with="stage1")
     write_card(record, layout.card(card.name))
+
+
+def quantised(scores: torch.Tensor, decimals: int) -> torch.Tensor:
+    """int64 grid points round(score * 10^decimals) (float64 product): the rounded score mining ranks by.
+
+    Monotone in the score (IEEE products and rounding are monotone), so a higher float score is
+    never on a lower grid point; :func:`block_best_keys` relies on it.
+    """
+    return torch.round(scores.double() * 10**decimals).long()
 
 
 def ranking_keys(scores: torch.Tensor, pool_offset: int, decimals: int) -> torch.Tensor:
@@ -121,13 +136,72 @@ def ranking_keys(scores: torch.Tensor, pool_offset: int, decimals: int) -> torch
     key = round(score * 10^decimals) * 2^32 - (pool_offset + column): unique per candidate, so
     ``topk`` on keys is exact and independent of the kernel's tie handling.
     """
-    quantised = torch.round(scores.double() * 10**decimals).long()
     index = torch.arange(scores.shape[1], dtype=torch.long) + pool_offset
-    return (quantised << _TIE_BITS) - index
+    return (quantised(scores, decimals) << _TIE_BITS) - index
+
+
+def block_best_keys(scores: torch.Tensor, pool_offset: int, k: int, decimals: int) -> torch.Tensor:
+    """The ``k`` best :func:`ranking_keys` of each row of one [B, P] score block, best first.
+
+    Exact without keying every score: take the ``2k`` best float scores of each row (one float
+    ``topk``) and key only those. Every column left out scores at most the ``2k``-th value s_2k, so
+    it sits on grid point q(s_2k) or lower; where q(s_2k) < q(s_k) (the k-th value), no left-out
+    column can reach the k best keys, whatever its index. Rows where q(s_2k) = q(s_k) (more than k
+    scores on one grid point: duplicate vectors, coarse ``decimals``) are keyed in full.
+    """
+    width = scores.shape[1]
+    if k == 0 or width <= 2 * k:
+        return ranking_keys(scores, pool_offset, decimals).topk(min(k, width), dim=1).values
+    values, columns = scores.topk(2 * k, dim=1)  # sorted, best first
+    grid = quantised(values, decimals)
+    best = ((grid << _TIE_BITS) - (columns + pool_offset)).topk(k, dim=1).values
+    tied = (grid[:, -1] == grid[:, k - 1]).nonzero().squeeze(1)
+    if len(tied):
+        best[tied] = ranking_keys(scores[tied], pool_offset, decimals).topk(k, dim=1).values
+    return best
+
+
+def keys_above(scores: torch.Tensor, pool_offset: int, floor: torch.Tensor, decimals: int) -> torch.Tensor:
+    """[B, c] :func:`ranking_keys` of the columns of a score block that may lie above grid point
+    ``floor[b]`` of their row (the rest of each row padded with the smallest int64), c the most any row has.
+
+    A column reaches grid point floor + 1 only if score * 10^d >= floor + 0.5, so a float threshold
+    (floor + 0.5) / 10^d, lowered by 1e-6 against float32 rounding, keeps a superset of them: one
+    comparison per score instead of a ``topk``.
+    """
+    threshold = ((floor.double() + 0.5) / 10**decimals - 1e-6).float()
+    rows, columns = (scores >= threshold[:, None]).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=len(scores))
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # rank of the column within its row
+    keys = torch.full((len(scores), int(counts.max()) if len(rows) else 0), torch.iinfo(torch.long).min, dtype=torch.long)
+    keys[rows, slot] = (quantised(scores[rows, columns], decimals) << _TIE_BITS) - (columns + pool_offset)
+    return keys
+
+
+def grid_of(keys: torch.Tensor) -> torch.Tensor:
+    """The grid point round(score * 10^d) a :func:`ranking_keys` key carries in its high bits."""
+    return (keys + (1 << _TIE_BITS) - 1) >> _TIE_BITS
+
+
+def pool_indices(keys: torch.Tensor) -> np.ndarray:
+    """The pool index each :func:`ranking_keys` key carries in its low 32 bits."""
+    low = keys & ((1 << _TIE_BITS) - 1)
+    return (((1 << _TIE_BITS) - low) % (1 << _TIE_BITS)).numpy()
 
 
 def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig) -> np.ndarray:
-    """[Q, k] pool indices of each query's k best candidates, best first (exact, blockwise)."""
+    """[Q, k] pool indices of each query's k best candidates by :func:`ranking_keys`, best first.
+
+    Blocked and exact: for each block of ``cfg.block_queries`` queries, the pool is scanned
+    ``cfg.block_pool`` candidates at a time, in pool order, into a running [block_queries, k]
+    top-k of keys. Each [block_queries, block_pool] score block (cosine = dot product of unit
+    vectors) contributes its k best keys (:func:`block_best_keys`) until the running top-k is
+    full; after that only the columns above the grid point of each row's k-th key
+    (:func:`keys_above`): a later column has a larger pool index, so on the k-th key's grid point
+    it ranks below it. Keys are unique, so the result equals ranking each full row of the
+    queries x pool matrix, ties included, for any block sizes; memory is
+    O(block_queries x (block_pool + k)) beside the embeddings, whatever Q and the pool size.
+    """
     k = min(k, len(pool_vecs))
     pool = torch.from_numpy(pool_vecs)
     out = np.empty((len(query_vecs), k), dtype=np.int64)
@@ -135,11 +209,27 @@ def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: Minin
         queries = torch.from_numpy(query_vecs[q0 : q0 + cfg.block_queries])
         best = torch.empty(len(queries), 0, dtype=torch.long)
         for p0 in range(0, len(pool), cfg.block_pool):
-            keys = ranking_keys(queries @ pool[p0 : p0 + cfg.block_pool].T, p0, cfg.score_decimals)
-            best = torch.cat([best, keys], dim=1).topk(min(k, best.shape[1] + keys.shape[1]), dim=1).values
-        low = best & ((1 << _TIE_BITS) - 1)
-        out[q0 : q0 + len(queries)] = ((1 << _TIE_BITS) - low) % (1 << _TIE_BITS)
+            scores = queries @ pool[p0 : p0 + cfg.block_pool].T
+            if best.shape[1] < k:
+                block = block_best_keys(scores, p0, k, cfg.score_decimals)
+            else:
+                block = keys_above(scores, p0, grid_of(best[:, -1]), cfg.score_decimals)
+            best = torch.cat([best, block], dim=1).topk(min(k, best.shape[1] + block.shape[1]), dim=1).values
+        out[q0 : q0 + len(queries)] = pool_indices(best)
     return out
+
+
+def encode_sharded(encoder: Encoder, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """[len(texts), H] float32 embeddings: each process encodes its contiguous shard of ``texts``
+    (``batch_size`` at a time, :meth:`Encoder.encode`) and the shards are gathered in order. On one
+    process this is ``encoder.encode(texts, batch_size)``."""
+    return gather_rows(encoder.encode(list(texts[shard(len(texts))]), batch_size))
+
+
+def top_ranked_sharded(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig) -> np.ndarray:
+    """:func:`top_ranked` with the queries split into one contiguous shard per process, gathered in
+    order (every process gets the whole [Q, k]); :func:`top_ranked` itself on one process."""
+    return gather_rows(top_ranked(query_vecs[shard(len(query_vecs))], pool_vecs, k, cfg))
 
 
 def _on_grid(score: float, decimals: int) -> int:
@@ -178,6 +268,12 @@ def mine_hard_negatives(
     antonyms) come first; mined ones follow, drawn uniformly from the window; a row whose window
     holds too few candidates is padded with random pool candidates. Queries are encoded with the
     card's instruction, candidates with it only for symmetric cards (documents stay bare).
+
+    Each query's k = ``rank_max + banned_margin`` best candidates are ranked exactly by
+    (rounded score, pool index) in blocks (:func:`top_ranked`); banned candidates are removed from
+    that list before the window [rank_min, rank_max) is read. Encoding and ranking are split
+    across processes when torch.distributed is initialised (every process gets the same result);
+    on one process they run in a loop.
     """
     related = related_by_key(related or {})
     pool = sorted(set(pool) | set(frame["positive"]) | {n for negs in frame["negatives"] for n in negs})
@@ -185,11 +281,11 @@ def mine_hard_negatives(
     if len(pool) <= cfg.rank_min:
         raise ValueError(f"{card.name}: candidate pool of {len(pool)} is not larger than rank_min={cfg.rank_min}")
     doc_instruction = card.instruction if card.symmetric else ""
-    pool_vecs = encoder.encode([format_instructed(doc_instruction, t) for t in pool], batch_size)
-    query_vecs = encoder.encode([format_instructed(card.instruction, q) for q in frame["query"]], batch_size)
+    pool_vecs = encode_sharded(encoder, [format_instructed(doc_instruction, t) for t in pool], batch_size)
+    query_vecs = encode_sharded(encoder, [format_instructed(card.instruction, q) for q in frame["query"]], batch_size)
     position = {text: i for i, text in enumerate(pool)}
     positive_scores = np.einsum("qd,qd->q", query_vecs, pool_vecs[[position[p] for p in frame["positive"]]])
-    ranked = top_ranked(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg)
+    ranked = top_ranked_sharded(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg)
 
     keep, mined, padded = [], [], 0
     for row, (query, positive, given) in enumerate(zip(frame["query"], frame["positive"], frame["negatives"])):
@@ -254,12 +350,22 @@ def mining_quality(
         return {"slots": 0.0}
     counts = Counter(slots)
     rows = np.repeat(np.arange(len(mined)), [len(n) for n in mined["negatives"]])
-    negatives = pool_vecs[[position[n] for n in slots]]
-    random = pool_vecs[np.random.default_rng(seed).integers(len(pool_vecs), size=len(slots))]
+    negatives = np.array([position[n] for n in slots])
+    random = np.random.default_rng(seed).integers(len(pool_vecs), size=len(slots))
     return {
         "slots": float(len(slots)),
         "distinct_ratio": len(counts) / len(slots),
         "top10_share": sum(c for _, c in counts.most_common(10)) / len(slots),
-        "mean_cos_negative": float(np.einsum("sd,sd->s", query_vecs[rows], negatives).mean()),
-        "mean_cos_random": float(np.einsum("sd,sd->s", query_vecs[rows], random).mean()),
+        "mean_cos_negative": float(paired_dots(query_vecs, rows, pool_vecs, negatives).mean()),
+        "mean_cos_random": float(paired_dots(query_vecs, rows, pool_vecs, random).mean()),
     }
+
+
+def paired_dots(left: np.ndarray, left_rows: np.ndarray, right: np.ndarray, right_rows: np.ndarray,
+                chunk: int = 65536) -> np.ndarray:
+    """left[left_rows[s]] . right[right_rows[s]] for every slot s, ``chunk`` slots at a time (never
+    a [slots, dim] copy of the vectors)."""
+    return np.concatenate([
+        np.einsum("sd,sd->s", left[left_rows[start : start + chunk]], right[right_rows[start : start + chunk]])
+        for start in range(0, len(left_rows), chunk)
+    ])

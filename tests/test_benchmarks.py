@@ -119,6 +119,24 @@ def test_profiled_peaks_follow_allocations_and_frees():
     assert abs(peaks.step - 6.5 * mib) < 64 * 1024
 
 
+def test_mining_scale(tmp_path):
+    """Not part of run_all (the full grid takes hours on 2 cores): its own --quick run."""
+    from benchmarks.mining_scale import QUICK_SIZES, main
+
+    payload = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    assert json.loads((tmp_path / "mining_scale.json").read_text()) == payload
+    assert set(payload) == {"benchmark", "machine", "settings", "raw", "summary"}
+    assert payload["settings"]["quick"] is True and payload["machine"]["torch_threads"] == 1
+    points = payload["raw"]["points"]
+    assert [f"{p['rows']}x{p['pool']}" for p in points] == list(QUICK_SIZES) and payload["summary"]["failed"] == []
+    for point in points:
+        assert point["stage"] == "mining" and _positive(point["seconds"])
+        assert point["peak_rss_mib"] >= point["baseline_mib"] > point["embeddings_mib"] > 0
+    growth, rate = payload["summary"]["rows"]
+    assert growth["goal"] == "<= 64" and growth["met"] is True  # 8x the pool, blocks of 1024: no growth
+    assert _positive(rate["value"])
+
+
 def test_mfu(quick_results):
     summary = quick_results[1]["mfu"]["summary"]
     for key in ("peak_flops_per_s", "counted_flops_per_s", "six_n_flops_per_s", "mfu_counted", "mfu_six_n"):

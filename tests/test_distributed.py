@@ -10,6 +10,7 @@
   history with GradCache, mined hard negatives, focal weight, mixing and Matryoshka (from the same
   stage-1 model), also when the 2-process stage 2 is killed after its first state and resumed.
   The tiny Qwen2 has no dropout, so only float rounding differs.
+* The ``mine`` stage under ``accelerate launch`` with 2 processes and in 1: the same mined sets.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -261,6 +263,22 @@ def test_two_processes_killed_and_resumed_finetune_like_one(tmp_path: Path, cura
     assert "resuming from state_" in resumed
     assert_same_training(tmp_path, stage2_runs[1][0], "stage2_seed0", lambda run: RunLayout(run).stage2(0),
                          load_profile("tiny").finetune.learning_rate)
+
+
+def test_two_processes_mine_like_one(stage1_runs, tmp_path: Path) -> None:
+    # Each process encodes and ranks a share of the rows, the shares are gathered, the main
+    # process writes: the same mined shards and cards (SHA-256 included) as one process.
+    runs = {processes: tmp_path / f"mine{processes}" for processes in (2, 1)}
+    for run in runs.values():
+        shutil.copytree(stage1_runs[1][0], run)
+        shutil.rmtree(RunLayout(run).mined_shard("any").parent, ignore_errors=True)
+    mine = ["-m", "kalm_lib", "train", "--profile", "tiny", "--stage", "mine"]
+    run_clis([[*launch(2), *mine, "--run-dir", str(runs[2])], [sys.executable, *mine, "--run-dir", str(runs[1])]])
+    shards = {n: sorted(RunLayout(run).mined_shard("any").parent.glob("*.parquet")) for n, run in runs.items()}
+    assert shards[1] and [p.name for p in shards[2]] == [p.name for p in shards[1]]
+    for multi, single in zip(shards[2], shards[1]):
+        pd.testing.assert_frame_equal(pd.read_parquet(multi), pd.read_parquet(single))
+        assert RunLayout(runs[2]).card(multi.stem).read_text() == RunLayout(runs[1]).card(single.stem).read_text()
 
 
 def test_train_command_finetunes_one_seed(stage1_runs) -> None:

@@ -9,11 +9,13 @@ import pytest
 
 from kalm_lib.builders import synonym_triples
 from kalm_lib.data_cards import DataCard
+from kalm_lib.distributed import gather_rows, shard
 from kalm_lib.mining import (
     MiningConfig,
     banned_keys,
     mine_hard_negatives,
     mining_quality,
+    paired_dots,
     pool_table,
     related_by_key,
     top_ranked,
@@ -47,16 +49,49 @@ def frame(rows: list[tuple[str, str, list[str]]]) -> pd.DataFrame:
                          "negatives": [r[2] for r in rows], "words": [[r[1]] for r in rows]})
 
 
-@pytest.mark.parametrize(("block_queries", "block_pool"), [(1, 1), (3, 7), (512, 16384)])
-def test_blockwise_top_k_is_the_exact_ranking_with_index_tie_break(block_queries, block_pool):
+def full_matrix_top_k(queries: np.ndarray, pool: np.ndarray, k: int, decimals: int) -> np.ndarray:
+    """The reference: the whole queries x pool matrix, each row sorted by (rounded score desc, index)."""
+    scores = np.round((queries @ pool.T).astype(np.float64) * 10**decimals)
+    return np.array([np.lexsort((np.arange(len(pool)), -row))[:k] for row in scores])
+
+
+def dyadic_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Vectors of multiples of 1/64 in [-3/64, 3/64]: every dot product is exact in float32 whatever
+    the kernel or block shape, and many fall on one rounding grid point (ties)."""
+    return (rng.integers(-3, 4, size=(n, dim)) / 64).astype(np.float32)
+
+
+BLOCKS = [(1, 1), (3, 7), (7, 97), (20, 60), (64, 299), (1024, 16384)]
+
+
+@pytest.mark.parametrize(("block_queries", "block_pool"), BLOCKS)
+@pytest.mark.parametrize("decimals", [1, 3, 4])
+def test_blocked_top_k_equals_the_full_matrix_ranking_ties_included(block_queries, block_pool, decimals):
+    # 300 candidates (block sizes that divide it and ones that don't), exact scores, and a vector
+    # repeated 40 times: more than k = 25 candidates tie on one grid point, so the smaller pool
+    # index decides, inside a block and across blocks. decimals=1 puts every score on one grid
+    # point; decimals=3 puts later blocks' candidates one grid point above a row's k-th key.
     rng = np.random.default_rng(0)
-    queries, pool = unit_rows(rng, 20, 8), unit_rows(rng, 60, 8)
-    pool[10] = pool[40]  # an exact tie: the smaller pool index must rank first
-    cfg = MiningConfig(count=1, rank_min=0, rank_max=5, block_queries=block_queries, block_pool=block_pool)
-    got = top_ranked(queries, pool, 25, cfg)
-    scores = np.round((queries @ pool.T).astype(np.float64) * 10**cfg.score_decimals)
-    expected = np.array([np.lexsort((np.arange(60), -row))[:25] for row in scores])
-    np.testing.assert_array_equal(got, expected)
+    queries, pool = dyadic_rows(rng, 20, 16), dyadic_rows(rng, 300, 16)
+    pool[100:140] = pool[5]
+    queries[0] = pool[5]
+    cfg = MiningConfig(count=1, rank_min=0, rank_max=5, score_decimals=decimals, block_queries=block_queries, block_pool=block_pool)
+    np.testing.assert_array_equal(top_ranked(queries, pool, 25, cfg), full_matrix_top_k(queries, pool, 25, decimals))
+
+
+@pytest.mark.parametrize(("block_queries", "block_pool"), [(1, 1000), (37, 999), (64, 4096), (1024, 16384)])
+def test_blocked_top_k_on_unit_vectors_with_duplicates_equals_one_block(block_queries, block_pool):
+    # 384-d random unit vectors as mining sees them; 150 copies of one candidate and 50 of another.
+    rng = np.random.default_rng(1)
+    queries, pool = unit_rows(rng, 100, 384), unit_rows(rng, 5000, 384)
+    pool[1000:1150] = pool[0]
+    pool[3000:3050] = pool[7]
+    queries[:2] = pool[[0, 7]]
+    one_block = MiningConfig(count=7, rank_min=10, rank_max=50, block_queries=len(queries), block_pool=len(pool))
+    blocked = MiningConfig(count=7, rank_min=10, rank_max=50, block_queries=block_queries, block_pool=block_pool)
+    expected = top_ranked(queries, pool, 114, one_block)
+    np.testing.assert_array_equal(top_ranked(queries, pool, 114, blocked), expected)
+    assert expected[0, :114].tolist() == [0, *range(1000, 1113)]  # ties in pool order
 
 
 def test_a_tiny_perturbation_changes_at_most_a_handful_of_rows():
@@ -154,6 +189,14 @@ def test_quality_table_by_hand():
     assert quality["mean_cos_random"] == pytest.approx(float(np.mean(pool[draws] @ query[0])))
 
 
+def test_paired_dots_are_the_same_in_chunks():
+    rng = np.random.default_rng(8)
+    left, right = unit_rows(rng, 10, 4), unit_rows(rng, 30, 4)
+    left_rows, right_rows = rng.integers(10, size=25), rng.integers(30, size=25)
+    expected = np.einsum("sd,sd->s", left[left_rows], right[right_rows])
+    np.testing.assert_array_equal(paired_dots(left, left_rows, right, right_rows, chunk=4), expected)
+
+
 def test_pool_is_every_word_not_held_out_with_its_relations():
     sources = {"syn": pd.DataFrame({"word": ["a", "b"], "synonym": ["b", "c"]}), "gloss": pd.DataFrame({"word": ["d"], "gloss": ["x"]})}
     pool = pool_table(sources, held_out_keys=frozenset({"c"}))
@@ -164,8 +207,67 @@ def test_pool_is_every_word_not_held_out_with_its_relations():
 def test_bad_mining_settings_are_named():
     with pytest.raises(ValueError, match="rank_min < rank_max"):
         MiningConfig(count=1, rank_min=5, rank_max=5)
+    with pytest.raises(ValueError, match="block_queries=0, block_pool=8"):
+        MiningConfig(count=1, rank_min=0, rank_max=5, block_queries=0, block_pool=8)
     with pytest.raises(ValueError, match="not larger than rank_min"):
         mine_hard_negatives(frame([("q", "p", [])]), card(), TableEncoder({}), [], MiningConfig(1, 3, 6))
+
+
+# --- several processes: each encodes and ranks its shard, every process gets the whole result -------
+
+WORLD = 2
+
+
+def sharded_case() -> tuple[pd.DataFrame, dict[str, np.ndarray], list[str], MiningConfig]:
+    """Rows, embeddings, pool and settings mined by one process and by WORLD processes (odd sizes)."""
+    rng = np.random.default_rng(6)
+    words, queries = [f"w{i}" for i in range(301)], [f"q{i}" for i in range(77)]
+    table = dict(zip(words + queries, unit_rows(rng, len(words) + len(queries), 16)))
+    rows = frame([(q, words[i], []) for i, q in enumerate(queries)])
+    return rows, table, words, MiningConfig(count=3, rank_min=5, rank_max=20, consistency_filter=False, block_queries=8, block_pool=50)
+
+
+def _mining_worker(rank: int, store: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        rows, table, words, cfg = sharded_case()
+        results.put((rank, mine_hard_negatives(rows, card(), TableEncoder(table), words, cfg).frame))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_process_shard_is_everything():
+    assert shard(7) == slice(0, 7)
+    array = np.arange(6).reshape(3, 2)
+    assert gather_rows(array) is array
+
+
+@pytest.mark.slow
+def test_two_processes_mine_exactly_like_one(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_mining_worker, args=(rank, str(tmp_path / "store"), results)) for rank in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    try:
+        frames = [results.get(timeout=180)[1] for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert all(proc.exitcode == 0 for proc in procs)
+    rows, table, words, cfg = sharded_case()
+    single = mine_hard_negatives(rows, card(), TableEncoder(table), words, cfg).frame
+    for mined in frames:
+        pd.testing.assert_frame_equal(mined, single)
 
 
 # --- in the series: mining runs after stage 1, on the stage-1 model ----------------------------
