@@ -3,6 +3,8 @@ contrastive losses, shards and row gathers for mining."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -15,6 +17,15 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def local_device() -> torch.device:
+    """This process's device: the GPU of its local rank (``LOCAL_RANK``, set by torchrun / accelerate
+    launch; 0 for a single process) when CUDA is present, else the CPU. Training's Accelerator
+    places the model on the same device."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def gather_with_grad(tensor: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, 
 
 from .bidirectional import enable_bidirectional, is_bidirectional
 from .config import PACKAGED_MINILM, ConfigError, ModelConfig
+from .distributed import local_device
 from .pooling import POOLING_MODES, pool
 
 _ST_POOLING = {"mean": "mean", "last": "lasttoken", "cls": "cls"}
@@ -229,9 +230,12 @@ class Encoder(nn.Module):
 
 
 def load_encoder(cfg: ModelConfig, prompts: Mapping[str, str] | None = None) -> Encoder:
-    """Build the :class:`Encoder` described by ``cfg``, carrying ``prompts`` (see :class:`Encoder`)."""
+    """Build the :class:`Encoder` described by ``cfg``, carrying ``prompts`` (see :class:`Encoder`), on
+    this process's device (:func:`kalm_lib.distributed.local_device`: its GPU on a GPU host, so
+    mining, soup selection and evaluation encode there too)."""
     backbone, tokenizer = load_backbone(cfg)
-    return Encoder(backbone, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length, prompts=prompts)
+    encoder = Encoder(backbone, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length, prompts=prompts)
+    return encoder.to(local_device())
 
 
 def encoder_from_checkpoint(path: Path, cfg: ModelConfig) -> Encoder:

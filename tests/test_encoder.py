@@ -8,6 +8,7 @@ from sentence_transformers import SentenceTransformer
 
 from kalm_lib.bidirectional import first_token_sensitivity
 from kalm_lib.config import PACKAGED_MINILM, ConfigError, ModelConfig
+from kalm_lib.distributed import local_device
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder, resolve_model_path, saved_prompts
 from kalm_lib.instructions import format_instructed, instruction_prompt
 
@@ -118,3 +119,20 @@ def test_reloaded_decoder_stays_bidirectional(attn, batch_size, tmp_path):
     assert np.abs(reloaded - causal.encode(TEXTS, batch_size=batch_size)).max(axis=1).min() > 1e-2
     batch = bidirectional.tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert first_token_sensitivity(st[0].auto_model, batch["input_ids"], batch["attention_mask"]) > 1e-3
+
+
+def test_encoders_are_built_on_the_processes_device(monkeypatch):
+    """Mining, soup selection and evaluation load encoders with load_encoder: on a GPU host they must
+    land on the process's GPU, not stay on the CPU (``meta`` stands in for a GPU here)."""
+    monkeypatch.setattr("kalm_lib.encoder.local_device", lambda: torch.device("meta"))
+    assert load_encoder(ModelConfig(random_init=TINY_QWEN2)).device == torch.device("meta")
+
+
+def test_local_device_is_the_local_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device() == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_device() == torch.device("cuda", 0)
