@@ -42,6 +42,7 @@ from safetensors import safe_open
 
 from benchmarks.common import machine_info
 from kalm_lib.layout import RESULTS_DIR, RunLayout, incomplete_run
+from kalm_lib.outputs import write_output
 from kalm_lib.runner import notebook_series
 from kalm_lib.series_progress import TRANSIENT_SUFFIXES
 
@@ -84,10 +85,12 @@ def completed_notebooks(work: Path) -> int:
 
 
 def wait_for_notebook(process: subprocess.Popen, work: Path, index: int, timeout: float = 1800) -> bool:
-    """Wait until notebooks ``0..index-1`` are complete (notebook ``index`` is running); False if
-    the runner ended first."""
+    """Wait until the runner has started the series in ``work`` (its progress record exists) and
+    notebooks ``0..index-1`` are complete, so notebook ``index`` is running; False if the runner
+    ended first. (Counting from the runner's start instead let a slow interpreter start-up swallow
+    a kill meant for notebook 00.)"""
     deadline = time.monotonic() + timeout
-    while completed_notebooks(work) < index:
+    while not RunLayout(work).series_progress.is_file() or completed_notebooks(work) < index:
         if process.poll() is not None or time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -207,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     and not sigterm["corrupt_files"] and bool(sigterm["states_after_sigterm"]),
         "reference_wall_seconds": durations, "seconds": round(time.perf_counter() - began, 1), "machine": machine_info(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fault_injection.json").write_text(json.dumps(payload, indent=1))
+    write_output(payload, args.out / "fault_injection.json")
     return payload
 
 

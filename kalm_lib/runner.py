@@ -117,6 +117,8 @@ def run_series(
     if final.exists():
         raise FileExistsError(f"run folder already exists: {final}")
     work = incomplete_run(runs_dir, name)
+    if work.is_dir() and not RunLayout(work).series_progress.is_file():
+        shutil.rmtree(work)  # killed before its progress record was written: no notebook ran, nothing to keep
     if work.exists():
         raise FileExistsError(
             f"an interrupted run {name!r} is at {work}: continue it with `python -m kalm_lib run --resume {name}`"
@@ -142,6 +144,9 @@ def resume_series(runs_dir: Path, name: str, notebooks: list[Path] | None = None
         raise FileExistsError(f"run {name!r} is already complete: {final}")
     if not work.is_dir():
         raise FileNotFoundError(f"no interrupted run {name!r} to resume: {work} does not exist")
+    if not RunLayout(work).series_progress.is_file():
+        raise FileNotFoundError(f"{work} has no progress record: it was killed before its first notebook started; "
+                                f"start the run again without --resume")
     with runner_lock(work):
         progress = SeriesProgress.read(work)
         load_profile(progress.profile, progress.overrides)

@@ -90,6 +90,19 @@ def test_a_completed_notebooks_output_altered_before_the_resume_is_refused(serie
         resume_series(runs, "r", notebooks)
 
 
+def test_a_start_killed_before_its_progress_record_is_started_again(series, tmp_path: Path) -> None:
+    """A SIGKILL between creating the folder and writing series_progress.json leaves a folder with no
+    notebook run: --resume says to start again, and a plain rerun does (it is not a stuck name)."""
+    notebooks, calls = series
+    runs = tmp_path / "runs"
+    RunLayout(incomplete_run(runs, "r")).notebooks.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="start the run again without --resume"):
+        resume_series(runs, "r", notebooks)
+    with pytest.raises(PapermillExecutionError):  # 01 fails once, as in every test of this series
+        run_series("tiny", runs, "r", notebooks=notebooks)
+    assert list(SeriesProgress.read(incomplete_run(runs, "r")).completed) == ["00_write"]
+
+
 def test_a_run_being_written_cannot_be_resumed_twice(series, tmp_path: Path) -> None:
     notebooks, _ = series
     runs = tmp_path / "runs"
