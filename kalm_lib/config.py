@@ -51,6 +51,11 @@ class DataConfig:
     mining_consistency_filter: bool = True  # drop rows whose positive ranks below the mining window's start
     mining_pool_max: int = 0  # candidate words to mine from (a seeded sample); 0 = every word not held out
 
+    # --- scale path (issue #14): de-duplication engine and streamed curation to Parquet shards ---
+    dedup_engine: str = "datatrove"  # near-dup removal: datatrove (MinHash pipeline, local executor) or datasketch (pre-#14, in memory)
+    curation_workers: int = 1  # processes of datatrove's local executor (tasks run one after another with 1)
+    shard_rows: int = 100_000  # rows per Parquet shard of a streamed source (memory per curation task follows it)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

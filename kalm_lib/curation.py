@@ -40,10 +40,10 @@ from .builders import (
     Sources,
     is_held_out,
     word_key,
-    word_tokens,
 )
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
+from .dedup import NUM_PERM, near_dedup_shards, shingles
 from .layout import RunLayout
 from .outputs import write_output
 from .sources import load_source
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 _SPACE = re.compile(r"\s+")
 _NOT_TEXT = re.compile(r"(?:.*[-_])?(?:id|qid|docid|labels?)", re.IGNORECASE)  # mteb columns holding ids or labels
-NUM_PERM = 64  # MinHash permutations of every signature (evaluation index and de-duplication)
 # LSH (false positive, false negative) weights of the evaluation index: missing a copy of an
 # evaluation text costs more than dropping a training row. At threshold 0.8 a training text is
 # dropped with probability ~0.88 at Jaccard 0.8, 0.97 at 0.85, > 0.99 at 0.9; ~0.5 at 0.7, ~0.2 at 0.6.
@@ -96,17 +95,10 @@ def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: f
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def _shingles(text: str, width: int = 5) -> list[bytes]:
-    """Character ``width``-grams (the whole text if shorter) of the text's canonical form: its
-    casefolded word tokens joined by single spaces, so case and punctuation never matter
-    ("Unmarried." and "unmarried" have the same shingles)."""
-    canonical = " ".join(word_tokens(text))
-    return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
-
-
 def _signatures(texts: Sequence[str]) -> list[MinHash]:
-    """MinHash signatures (:data:`NUM_PERM` permutations) of the texts' shingles, in bulk."""
-    return MinHash.bulk([_shingles(text) for text in texts], num_perm=NUM_PERM)
+    """MinHash signatures (:data:`~kalm_lib.dedup.NUM_PERM` permutations) of the texts'
+    :func:`~kalm_lib.dedup.shingles`, in bulk."""
+    return MinHash.bulk([shingles(text) for text in texts], num_perm=NUM_PERM)
 
 
 def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
@@ -129,8 +121,24 @@ def drop_eval_near_duplicates(frame: pd.DataFrame, index: MinHashLSH) -> pd.Data
     return frame[~(frame["query"].isin(near) | frame["positive"].isin(near))]
 
 
-def near_dedup(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold."""
+def near_dedup(frame: pd.DataFrame, threshold: float, engine: str = "datatrove", workers: int = 1) -> pd.DataFrame:
+    """Drop rows whose ``query || positive`` shingle Jaccard with another row exceeds ``threshold``.
+
+    ``engine`` ``datatrove`` (the default): datatrove's MinHash pipeline through Parquet shards on
+    its local executor (:func:`~kalm_lib.dedup.near_dedup_shards`, ``workers`` processes), one row
+    kept per cluster of near-duplicates. ``datasketch``: the in-memory LSH the study used before
+    issue #14, kept for the old-versus-new comparison (``benchmarks/curation_engines.py``).
+    """
+    if engine == "datatrove":
+        return near_dedup_shards(frame, threshold, workers)
+    if engine == "datasketch":
+        return _near_dedup_datasketch(frame, threshold)
+    raise ValueError(f"near-duplicate engine {engine!r} unknown; known: datatrove, datasketch")
+
+
+def _near_dedup_datasketch(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold
+    (in-memory datasketch LSH, rows in order)."""
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     keep = []
     for index, signature in enumerate(_signatures((frame["query"] + " || " + frame["positive"]).tolist())):
@@ -282,7 +290,7 @@ def _curate_train(
     pool = len(frame)
     frame = drop_eval_near_duplicates(frame, eval_index)
     counts["eval_near_duplicates"] = pool - len(frame)
-    frame = near_dedup(frame, cfg.near_dup_threshold)
+    frame = near_dedup(frame, cfg.near_dup_threshold, cfg.dedup_engine, cfg.curation_workers)
     counts["after_near_dedup_of_pool"] = len(frame)
     frame = frame.iloc[:cap].reset_index(drop=True)
     counts["kept"] = len(frame)
