@@ -95,7 +95,7 @@ def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: f
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def _signatures(texts: Sequence[str]) -> list[MinHash]:
+def signatures(texts: Sequence[str]) -> list[MinHash]:
     """MinHash signatures (:data:`~kalm_lib.dedup.NUM_PERM` permutations) of the texts'
     :func:`~kalm_lib.dedup.shingles`, in bulk."""
     return MinHash.bulk([shingles(text) for text in texts], num_perm=NUM_PERM)
@@ -108,7 +108,7 @@ def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
     index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
     unique = sorted(set(texts))
     with index.insertion_session() as session:
-        for key, signature in enumerate(_signatures(unique)):
+        for key, signature in enumerate(signatures(unique)):
             session.insert(str(key), signature)
     return index
 
@@ -117,7 +117,7 @@ def drop_eval_near_duplicates(frame: pd.DataFrame, index: MinHashLSH) -> pd.Data
     """Drop rows whose query or positive is a near-duplicate (:func:`eval_text_index`) of an
     evaluation text."""
     texts = pd.unique(pd.concat([frame["query"], frame["positive"]]))
-    near = {text for text, signature in zip(texts, _signatures(texts)) if index.query(signature)}
+    near = {text for text, signature in zip(texts, signatures(texts)) if index.query(signature)}
     return frame[~(frame["query"].isin(near) | frame["positive"].isin(near))]
 
 
@@ -141,7 +141,7 @@ def _near_dedup_datasketch(frame: pd.DataFrame, threshold: float) -> pd.DataFram
     (in-memory datasketch LSH, rows in order)."""
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     keep = []
-    for index, signature in enumerate(_signatures((frame["query"] + " || " + frame["positive"]).tolist())):
+    for index, signature in enumerate(signatures((frame["query"] + " || " + frame["positive"]).tolist())):
         if lsh.query(signature):
             continue
         lsh.insert(str(index), signature)

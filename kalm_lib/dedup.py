@@ -38,6 +38,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.writers import ParquetWriter
+from datatrove.utils.stats import PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from .builders import word_tokens
@@ -129,13 +130,15 @@ def count_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(path).metadata.num_rows for path in parquet_files(folder))
 
 
-def run_steps(pipeline: Sequence[PipelineStep], tasks: int, workers: int, logs: Path) -> None:
+def run_steps(pipeline: Sequence[PipelineStep], tasks: int, workers: int, logs: Path) -> PipelineStats:
     """Run ``pipeline`` on datatrove's local executor (``tasks`` ranks, ``workers`` processes at
     once); its logs and stats go to ``logs`` (and its console output to ``logs``.txt, not to this
-    process's stderr), and a rerun skips the ranks already completed there."""
+    process's stderr); returns the steps' merged stats (rows each passed on: ``forwarded``)."""
     logs.parent.mkdir(parents=True, exist_ok=True)
     with logs.with_suffix(".txt").open("a") as console, contextlib.redirect_stderr(console):
-        LocalPipelineExecutor(list(pipeline), tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs)).run()
+        executor = LocalPipelineExecutor(list(pipeline), tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
+                                         skip_completed=False)
+        return executor.run()
 
 
 def minhash_dedup(source: Path, target: Path, work: Path, threshold: float, schema: pa.Schema, workers: int = 1) -> None:
