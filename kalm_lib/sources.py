@@ -165,8 +165,7 @@ def hub_batches(card: DataCard, data_files: DataFiles | None = None, batch_rows:
         files = _local_files(data_files)
         dataset = pyarrow.dataset.dataset(files, format="parquet")
         available, where = dataset.schema.names, f"local data files {files}"
-        wanted = list(spec.columns) or None
-        tables = (pa.Table.from_batches([b]) for b in dataset.to_batches(columns=wanted, batch_size=batch_rows) if b.num_rows)
+        tables = _local_tables(dataset, list(spec.columns) or None, batch_rows)
     _check_columns(card, spec, available, where)
     yield from _renamed(_limited(tables, spec.limit), spec.columns)
 
@@ -180,6 +179,13 @@ def _hub_stream(spec: HubSpec, batch_rows: int) -> tuple[list[str], Iterator[pa.
         dataset = dataset.select_columns([c for c in spec.columns if c in (dataset.column_names or [])])
     where = f"hub dataset {spec.path!r} (subset {spec.name!r}, split {spec.split!r}, streamed)"
     return list(dataset.column_names or []), dataset.with_format("arrow").iter(batch_size=batch_rows), where
+
+
+def _local_tables(dataset: pyarrow.dataset.Dataset, columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
+    """Non-empty Arrow tables of at most ``batch_rows`` rows of a pyarrow dataset, read on demand."""
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch])
 
 
 def _limited(tables: Iterable[pa.Table], limit: int) -> Iterator[pa.Table]:
