@@ -105,6 +105,7 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
     rss_ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     delta_ratio = (large["peak_rss_mib"] - large["baseline_rss_mib"]) / max(small["peak_rss_mib"] - small["baseline_rss_mib"], 1e-9)
     time_ratio = (large["seconds"] / large["rows"]) / (small["seconds"] / small["rows"])
+    cpu_ratio = (large["cpu_seconds"] / large["rows"]) / (small["cpu_seconds"] / small["rows"])
     per_million = {str(p["rows"]): 1e6 * p["seconds"] / p["rows"] for p in points}
     return {
         "rows": [headline("peak RSS, largest over smallest size", rss_ratio, GOAL, higher_is_better=False),
@@ -114,7 +115,9 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
         "rss_above_imports_ratio": delta_ratio,
         "seconds_per_row_ratio": time_ratio,
         "seconds_linear_goal_met": time_ratio <= GOAL,
+        "cpu_seconds_per_row_ratio": cpu_ratio,
         "seconds_per_million_rows": per_million,
+        "cpu_seconds_per_million_rows": {str(p["rows"]): 1e6 * p["cpu_seconds"] / p["rows"] for p in points},
         "sizes": [p["rows"] for p in points],
     }
 

@@ -48,6 +48,8 @@ SHINGLE_WIDTH = 5  # characters per shingle
 EXAMPLE_SCHEMA = pa.schema([
     ("query", pa.string()), ("positive", pa.string()), ("negatives", pa.list_(pa.string())), ("words", pa.list_(pa.string())),
 ])
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser
 _TOKEN = re.compile(r"[^\W_]+")  # runs of letters and digits, as word_tokens finds them
 ROW = "row"  # column holding a row's position, when a frame is de-duplicated through shards
 
@@ -58,6 +60,21 @@ def shingles(text: str, width: int = SHINGLE_WIDTH) -> list[bytes]:
     ("Unmarried." and "unmarried" have the same shingles)."""
     canonical = " ".join(word_tokens(text))
     return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
+
+
+def shingle_hashes(text: str, width: int = SHINGLE_WIDTH) -> np.ndarray:
+    """64-bit hashes of the distinct :func:`shingles` of ``text``, computed in numpy (FNV-1a over
+    the shingle's code points, then a splitmix64 finaliser): the same shingle sets, without a
+    Python call per shingle."""
+    canonical = " ".join(word_tokens(text))
+    points = np.frombuffer(canonical.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    windows = np.lib.stride_tricks.sliding_window_view(points, width) if len(points) >= width else points[None, :]
+    hashes = np.full(len(windows), _FNV_OFFSET, dtype=np.uint64)
+    for column in windows.T:
+        hashes = (hashes ^ column) * _FNV_PRIME
+    hashes = (hashes ^ (hashes >> np.uint64(30))) * _MIX_1
+    hashes = (hashes ^ (hashes >> np.uint64(27))) * _MIX_2
+    return np.unique(hashes ^ (hashes >> np.uint64(31)))
 
 
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -95,8 +112,8 @@ class CharShingleSignature(MinhashDedupSignature):
         super().__init__(output_folder, config=config, language=CanonicalTokenizer())
 
     def get_shingles(self, text: str) -> np.ndarray:
-        """Hashed :func:`shingles` of ``text``, shape (N, 1) as the parent's."""
-        return np.fromiter((self._hash_func(g) for g in shingles(text)), dtype=np.uint64).reshape((-1, 1))
+        """:func:`shingle_hashes` of ``text``, shape (N, 1) as the parent's."""
+        return shingle_hashes(text).reshape((-1, 1))
 
 
 def row_document(reader: ParquetReader, data: dict, path: str, id_in_file: int | str) -> dict[str, Any]:
