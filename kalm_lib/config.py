@@ -55,6 +55,7 @@ class DataConfig:
     dedup_engine: str = "datatrove"  # near-dup removal: datatrove (MinHash pipeline, local executor) or datasketch (pre-#14, in memory)
     curation_workers: int = 1  # processes of datatrove's local executor (tasks run one after another with 1)
     shard_rows: int = 100_000  # rows per Parquet shard of a streamed source (memory per curation task follows it)
+    stream_hub_sets: bool = False  # stage-1 hub_pairs sets: streamed to Parquet shards (kalm_lib.scale), trained from them
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from datasets import Dataset
 from datasketch import MinHash, MinHashLSH
 from pandas.api.types import is_string_dtype
 
+from .batching import TrainRows
 from .builders import (
     EVAL_BUILDERS,
     SINGLE_INPUT_BUILDERS,
@@ -43,9 +44,10 @@ from .builders import (
 )
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
-from .dedup import NUM_PERM, near_dedup_shards, shingles
+from .dedup import NUM_PERM, near_dedup_shards, parquet_files, shingles
 from .layout import RunLayout
 from .outputs import write_output
+from .shards import ShardRows
 from .sources import load_source
 
 if TYPE_CHECKING:
@@ -196,6 +198,8 @@ class CurationResult:
     summary: list[dict] = field(default_factory=list)
     cards: dict[str, DataCard] = field(default_factory=dict)
     sources: Sources = field(default_factory=dict)
+    eval_words: frozenset[str] = frozenset()  # every held-out word (test and validation)
+    eval_texts: frozenset[str] = frozenset()  # every evaluation text decontaminated against
 
 
 def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
@@ -217,16 +221,21 @@ def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
 
 
 def curate(
-    cfg: DataConfig, seed: int, cards_dir: Path, extra_eval_texts: frozenset[str] = frozenset()
+    cfg: DataConfig,
+    seed: int,
+    cards_dir: Path,
+    extra_eval_texts: frozenset[str] = frozenset(),
+    exclude: frozenset[str] = frozenset(),
 ) -> CurationResult:
     """Run the whole curation for the derived cards under ``cards_dir``.
 
     ``seed`` fixes the held-out split and the evaluation tasks, :func:`sample_seed` the training
     rows. ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
-    evaluates) are decontaminated against like the local evaluation texts.
+    evaluates) are decontaminated against like the local evaluation texts. Training sets named in
+    ``exclude`` are left out, their sources unread (:mod:`kalm_lib.scale` streams them instead).
     """
     cards = load_cards(cards_dir)
-    derived = {n: c for n, c in cards.items() if c.kind == "derived"}
+    derived = {n: c for n, c in cards.items() if c.kind == "derived" and n not in exclude}
     if not derived:
         raise DataCardError(f"{cards_dir}: no derived cards")
     known = {**TRAIN_BUILDERS, **SINGLE_INPUT_BUILDERS, **EVAL_BUILDERS}
@@ -253,6 +262,7 @@ def curate(
             result.evals[name] = task
     eval_words = frozenset().union(*(t.words for t in result.evals.values()))
     eval_texts = frozenset().union(*(t.texts for t in result.evals.values()), map(normalise, extra_eval_texts))
+    result.eval_words, result.eval_texts = eval_words, eval_texts
     index = eval_text_index(eval_texts, cfg.eval_near_dup_threshold)
     for name, card in derived.items():
         if card.stage != "eval":
@@ -327,14 +337,16 @@ def _write_filled_card(card: DataCard, size: int, path: Path, layout: RunLayout)
     write_card(filled, layout.card(card.name))
 
 
-def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[pd.DataFrame, DataCard]]:
-    """Read back the curated shards and filled cards of one stage."""
+def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[TrainRows, DataCard]]:
+    """Read back the curated shards and filled cards of one stage: a one-file shard as a frame, a
+    streamed set's folder of shards as :class:`~kalm_lib.shards.ShardRows` (read a batch at a time)."""
     cards = load_cards(layout.cards, check_inputs=False)
-    sets = {}
+    sets: dict[str, tuple[TrainRows, DataCard]] = {}
     for name, card in cards.items():
         if card.stage == stage:
-            frame = pd.read_parquet(layout.data / card.extra["file"])
-            if frame.empty:
+            path = layout.data / card.extra["file"]
+            frame = ShardRows(parquet_files(path)) if path.is_dir() else pd.read_parquet(path)
+            if not len(frame):
                 raise DataCardError(f"{card.path}: shard {card.extra['file']} is empty")
             sets[name] = (frame, card)
     if not sets:

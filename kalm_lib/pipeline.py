@@ -33,6 +33,7 @@ from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1,
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import write_folder, write_output
+from .scale import curate_streamed_sets, streamed_sets
 from .soup import average_states, greedy_soup, load_state
 from .training import StageResult, TrainSets, latest_state, prune_states, train_stage
 
@@ -58,11 +59,15 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card; write shards, evaluation payloads, filled cards, the summary and
     the candidate pool that notebook 02 mines stage-2 hard negatives from. Profiles that evaluate
-    standard MTEB tasks also decontaminate against those tasks' texts."""
+    standard MTEB tasks also decontaminate against those tasks' texts. With ``data.stream_hub_sets``
+    the stage-1 hub sets are streamed to folders of shards instead (:mod:`kalm_lib.scale`)."""
     layout = RunLayout(run_dir)
     evaluated = profile.evaluation.benchmark or profile.evaluation.standard_tasks
     external = task_texts(standard_tasks(evaluated)) if evaluated else frozenset()
-    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external)
+    cards_dir = REPO_ROOT / profile.data.cards_dir
+    streamed = streamed_sets(load_cards(cards_dir)) if profile.data.stream_hub_sets else frozenset()
+    result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, exclude=streamed)
+    curate_streamed_sets(result, profile.data, profile.seed, load_cards(cards_dir), streamed, layout)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)

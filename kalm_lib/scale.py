@@ -39,9 +39,10 @@ from datatrove.utils.stats import PipelineStats
 
 from .builders import word_key
 from .config import DataConfig
-from .curation import eval_text_index, signatures
-from .data_cards import DataCard, DataCardError
+from .curation import CurationResult, eval_text_index, file_sha256, sample_seed, signatures
+from .data_cards import DataCard, DataCardError, write_card
 from .dedup import EXAMPLE_SCHEMA, count_rows, minhash_dedup, parquet_files, row_reader, row_writer, run_steps
+from .layout import RunLayout
 from .sources import DataFiles, hub_batches
 
 # White space as Python's ``\s`` and ``str.strip`` see it (RE2's ``\s`` is ASCII only).
@@ -232,3 +233,36 @@ def read_shards(folder: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """Every row of the shards under ``folder`` as one table (tests and small sets only)."""
     return pa.concat_tables([pq.read_table(path, columns=columns) for path in parquet_files(folder)])
 
+
+
+def streamed_sets(cards: dict[str, DataCard]) -> frozenset[str]:
+    """The sets ``data.stream_hub_sets`` streams: derived stage-1 ``hub_pairs`` cards on a hub
+    source (stage-2 sets stay in memory: mining reads them whole, and their caps are small)."""
+    return frozenset(
+        name for name, card in cards.items()
+        if card.kind == "derived" and card.stage == "pretrain" and card.builder == "hub_pairs" and cards[card.inputs[0]].loader == "hub"
+    )
+
+
+def shards_sha256(folder: Path) -> str:
+    """Hex SHA-256 of a folder of shards: over each file's name and SHA-256, in name order."""
+    digest = hashlib.sha256()
+    for path in parquet_files(folder):
+        digest.update(f"{path.relative_to(folder)}\t{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, cards: dict[str, DataCard], names: frozenset[str],
+                         layout: RunLayout) -> None:
+    """Stream every set in ``names`` into its shard folder (:meth:`RunLayout.shard_dir`), against
+    ``result``'s held-out words and evaluation texts; write its filled card and add its counts to
+    ``result.summary``. Intermediate files are removed once a set is done."""
+    for name in sorted(names):
+        card = cards[name]
+        out, work = layout.shard_dir(card.stage, name), layout.streaming_work(name)
+        settings = StreamSettings.from_config(cfg, cfg.max_stage1_pairs_per_source, sample_seed(cfg, seed))
+        counts = curate_stream(card, cards[card.inputs[0]], settings, result.eval_words, result.eval_texts, out, work)
+        shutil.rmtree(work)
+        filled = card.filled(size=counts["kept"], sha256=shards_sha256(out), file=str(out.relative_to(layout.data)))
+        write_card(filled, layout.card(name))
+        result.summary.append(counts)

@@ -20,14 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .batching import Batch, batch_plan, make_batch, negatives_per_query
+from .batching import Batch, TrainRows, batch_plan, make_batch, negatives_per_query
 from .chunking import Chunk, embed_chunks, plan_chunks
 from .config import TrainConfig
 from .data_cards import DataCard
@@ -38,7 +37,7 @@ from .layout import StageLayout
 from .losses import KalmContrastiveLoss, MatryoshkaLoss, TextKeys
 from .outputs import is_main_process, partial_folder, replace_folder, write_folder, write_output
 
-TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
+TrainSets = dict[str, tuple[TrainRows, DataCard]]
 
 
 @dataclass

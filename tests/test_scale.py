@@ -11,11 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kalm_lib.curation import near_dedup, normalise
+from kalm_lib.batching import make_batch, negatives_per_query
+from kalm_lib.config import load_profile
+from kalm_lib.curation import curate, load_train_sets, near_dedup, normalise, write_curated
 from kalm_lib.data_cards import DataCardError, load_cards
 from kalm_lib.dedup import lsh_bands, parquet_files
-from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT
-from kalm_lib.scale import StreamSettings, curate_stream, normalise_column
+from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RunLayout
+from kalm_lib.scale import StreamSettings, curate_stream, curate_streamed_sets, normalise_column, streamed_sets
+from kalm_lib.shards import ShardRows
 from kalm_lib.sources import hub_batches, load_source
 
 PAPER = load_cards(DATA_CARDS_DIR / "paper")
@@ -123,3 +126,55 @@ def test_streamed_curation_takes_hub_pairs_cards_only(tmp_path):
     settings = StreamSettings(2, 400, 0.8, 0.85, cap=0, seed=0)
     with pytest.raises(DataCardError, match="pt_gcide_definitions.yaml: streamed curation needs a hub_pairs card"):
         curate_stream(offline["pt_gcide_definitions"], offline["gcide"], settings, frozenset(), frozenset(), tmp_path, tmp_path)
+
+
+# --- streamed sets in a run folder, and training reading them a batch at a time --------------
+
+def test_shard_rows_read_rows_in_the_asked_order(tmp_path):
+    frame = pd.DataFrame({"query": [f"q{i}" for i in range(25)], "positive": [f"p{i}" for i in range(25)],
+                          "negatives": [[f"n{i}"] * (1 + i % 3) for i in range(25)], "words": [[] for _ in range(25)]})
+    for i, start in enumerate(range(0, 25, 10)):
+        pq.write_table(pa.Table.from_pandas(frame.iloc[start : start + 10], preserve_index=False), tmp_path / f"{i}.parquet",
+                       row_group_size=4)
+    rows = ShardRows(parquet_files(tmp_path))
+    assert len(rows) == 25 and rows.min_list_length("negatives") == 1
+    picked = rows.iloc[np.array([24, 0, 13, 3, 13])]
+    assert picked["query"].tolist() == ["q24", "q0", "q13", "q3", "q13"]
+    assert [list(n) for n in picked["negatives"]] == [frame["negatives"][i] for i in (24, 0, 13, 3, 13)]
+    assert rows.head(2)["positive"].tolist() == ["p0", "p1"]
+    with pytest.raises(IndexError):
+        rows.take(np.array([25]))
+
+
+def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tmp_path, monkeypatch):
+    """The paper cards with every hub dataset replaced by its fixture: stage-1 sets streamed into
+    shard folders with filled cards, stage-2 sets curated in memory, and training batches read
+    from the shards."""
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        card = next(c for c in PAPER.values() if c.kind == "source" and c.hub["path"] == path and c.hub.get("name") == name)
+        dataset = datasets.Dataset.from_parquet(str(fixture(card.name)))
+        return dataset.to_iterable_dataset() if streaming else dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = dataclasses.replace(load_profile("gpu-qwen2-0.5b").data, max_stage1_pairs_per_source=100)
+    assert data.stream_hub_sets
+    streamed = streamed_sets(PAPER)
+    assert sorted(streamed) == sorted(n for n, c in PAPER.items() if c.kind == "derived" and c.stage == "pretrain")
+    layout = RunLayout(tmp_path / "run")
+    result = curate(data, 42, DATA_CARDS_DIR / "paper", exclude=streamed)
+    assert not set(result.train) & streamed and not set(result.sources) & {PAPER[n].inputs[0] for n in streamed}
+    curate_streamed_sets(result, data, 42, PAPER, streamed, layout)
+    write_curated(result, layout)
+    assert not layout.streaming_work("pt_hub_gooaq").exists()
+    sets = load_train_sets(layout, "pretrain")
+    assert sorted(sets) == sorted(streamed)
+    for name, (rows, card) in sets.items():
+        assert isinstance(rows, ShardRows) and len(rows) == card.extra["size"] == 6, name
+        assert card.extra["file"] == f"pretrain/{name}"
+        batch = make_batch(rows, card, np.array([5, 0, 2, 1]), negatives_per_query(rows, 3), 0, 1)
+        source = pd.read_parquet(fixture(card.inputs[0]))
+        query_column = next(hub for hub, field in PAPER[card.inputs[0]].hub["columns"].items() if field == "query")
+        assert batch.queries[1].endswith(normalise(source.iloc[0][query_column]))
+    summary = pd.read_csv(layout.curation_summary).set_index("set")
+    assert set(summary.index) == {n for n, c in PAPER.items() if c.kind == "derived"}
+    assert summary.loc[sorted(streamed), "kept"].eq(6).all()
