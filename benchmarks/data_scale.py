@@ -100,7 +100,8 @@ def measure(rows: int, shard_rows: int, seed: int, scratch: Path) -> dict[str, A
 
 
 def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """rss_ratio, the per-row time ratio (largest over smallest size) and their goals."""
+    """rss_ratio, the per-row time ratio (largest over smallest size measured) and their goals;
+    written after every point, so a run cut short keeps the points it measured."""
     small, large = points[0], points[-1]
     rss_ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     delta_ratio = (large["peak_rss_mib"] - large["baseline_rss_mib"]) / max(small["peak_rss_mib"] - small["baseline_rss_mib"], 1e-9)
@@ -123,7 +124,7 @@ def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Measure every size (smallest first) and write ``data_scale.json``."""
+    """Measure every size (smallest first), writing ``data_scale.json`` after each."""
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help=f"rows per point (default {FULL_SIZES}; {QUICK_SIZES} with --quick)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet file and shard (default 100000; 1000 with --quick)")
@@ -132,15 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = set_threads(args.threads)
     sizes = sorted(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     shard_rows = args.shard_rows or (1_000 if args.quick else 100_000)
-    with tempfile.TemporaryDirectory(prefix="kalm-data-scale-") as scratch:
-        points = []
-        for rows in sizes:
-            points.append(measure(rows, shard_rows, args.seed, Path(scratch)))
-            print(json.dumps(points[-1]), flush=True)
-    summary = {**summarise(points), "points": points}
     settings = {"sizes": sizes, "shard_rows": shard_rows, "shares": SHARES, "vocabulary": VOCABULARY, "eval_texts": EVAL_TEXTS,
                 "threads": threads, "seed": args.seed, "quick": args.quick, "workers": 1}
-    return write_result(out, NAME, settings, points, summary)
+    points: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kalm-data-scale-") as scratch:
+        for rows in sizes:
+            points.append(measure(rows, shard_rows, args.seed, Path(scratch)))
+            payload = write_result(out, NAME, {**settings, "measured_sizes": [p["rows"] for p in points]}, points,
+                                   {**summarise(points), "points": points})
+    return payload
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import MinHashLSH
+from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
@@ -38,6 +38,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.writers import ParquetWriter
+from datatrove.utils.hashing import HashConfig
 from datatrove.utils.stats import PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -48,8 +49,6 @@ SHINGLE_WIDTH = 5  # characters per shingle
 EXAMPLE_SCHEMA = pa.schema([
     ("query", pa.string()), ("positive", pa.string()), ("negatives", pa.list_(pa.string())), ("words", pa.list_(pa.string())),
 ])
-_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
-_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser
 _TOKEN = re.compile(r"[^\W_]+")  # runs of letters and digits, as word_tokens finds them
 ROW = "row"  # column holding a row's position, when a frame is de-duplicated through shards
 
@@ -62,21 +61,6 @@ def shingles(text: str, width: int = SHINGLE_WIDTH) -> list[bytes]:
     return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
 
 
-def shingle_hashes(text: str, width: int = SHINGLE_WIDTH) -> np.ndarray:
-    """64-bit hashes of the distinct :func:`shingles` of ``text``, computed in numpy (FNV-1a over
-    the shingle's code points, then a splitmix64 finaliser): the same shingle sets, without a
-    Python call per shingle."""
-    canonical = " ".join(word_tokens(text))
-    points = np.frombuffer(canonical.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    windows = np.lib.stride_tricks.sliding_window_view(points, width) if len(points) >= width else points[None, :]
-    hashes = np.full(len(windows), _FNV_OFFSET, dtype=np.uint64)
-    for column in windows.T:
-        hashes = (hashes ^ column) * _FNV_PRIME
-    hashes = (hashes ^ (hashes >> np.uint64(30))) * _MIX_1
-    hashes = (hashes ^ (hashes >> np.uint64(27))) * _MIX_2
-    return np.unique(hashes ^ (hashes >> np.uint64(31)))
-
-
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     """(bands, rows per band) datasketch's MinHashLSH chooses for ``threshold`` (equal weights of
     false positives and false negatives), so both engines cut at the same Jaccard."""
@@ -85,9 +69,9 @@ def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 
 
 def minhash_config(threshold: float) -> MinhashConfig:
-    """datatrove's MinHash settings for ``threshold`` (:func:`lsh_bands`; 64-bit xxhash)."""
+    """datatrove's MinHash settings for ``threshold``: :func:`lsh_bands`, 32-bit values as datasketch's."""
     bands, rows = lsh_bands(threshold)
-    return MinhashConfig(n_grams=SHINGLE_WIDTH, num_buckets=bands, hashes_per_bucket=rows)
+    return MinhashConfig(n_grams=SHINGLE_WIDTH, num_buckets=bands, hashes_per_bucket=rows, hash_config=HashConfig(precision=32))
 
 
 class CanonicalTokenizer(WordTokenizer):
@@ -106,14 +90,26 @@ class CanonicalTokenizer(WordTokenizer):
 
 class CharShingleSignature(MinhashDedupSignature):
     """datatrove's signature stage on :func:`shingles` (its own are word n-grams, which leave
-    texts shorter than n words without a signature, and so never de-duplicated)."""
+    texts shorter than n words without a signature, and so never de-duplicated), signed by
+    datasketch: a row's bands are exactly those of its datasketch MinHash (seed 1, 32-bit
+    ``affine32`` values), the ones the in-memory path compares."""
 
     def __init__(self, output_folder: str, config: MinhashConfig) -> None:
         super().__init__(output_folder, config=config, language=CanonicalTokenizer())
+        reference = MinHash(num_perm=NUM_PERM)
+        self.permutations, self.scheme = reference.permutations, reference.scheme
 
     def get_shingles(self, text: str) -> np.ndarray:
-        """:func:`shingle_hashes` of ``text``, shape (N, 1) as the parent's."""
-        return shingle_hashes(text).reshape((-1, 1))
+        """The datasketch MinHash values of :func:`shingles` of ``text`` (the parent's ``run``
+        hands them to :meth:`get_signature`)."""
+        minhash = MinHash(num_perm=NUM_PERM, permutations=self.permutations, scheme=self.scheme)
+        minhash.update_batch(shingles(text))
+        return minhash.hashvalues
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """The first ``num_buckets x hashes_per_bucket`` MinHash values, cut into bands."""
+        rows = self.config.hashes_per_bucket
+        return [shingles[band * rows : (band + 1) * rows].tolist() for band in range(self.config.num_buckets)]
 
 
 def row_document(reader: ParquetReader, data: dict, path: str, id_in_file: int | str) -> dict[str, Any]:
