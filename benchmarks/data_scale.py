@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,25 +100,27 @@ def measure(rows: int, shard_rows: int, seed: int, scratch: Path) -> dict[str, A
     return {"stage": "curation", "rows": rows, "pool": None, **result}
 
 
+def ratio(points: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> float | None:
+    """``value`` at the largest size over the smallest (None with one point)."""
+    return value(points[-1]) / value(points[0]) if len(points) > 1 else None
+
+
 def summarise(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """rss_ratio, the per-row time ratio (largest over smallest size measured) and their goals;
-    written after every point, so a run cut short keeps the points it measured."""
-    small, large = points[0], points[-1]
-    rss_ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
-    delta_ratio = (large["peak_rss_mib"] - large["baseline_rss_mib"]) / max(small["peak_rss_mib"] - small["baseline_rss_mib"], 1e-9)
-    time_ratio = (large["seconds"] / large["rows"]) / (small["seconds"] / small["rows"])
-    cpu_ratio = (large["cpu_seconds"] / large["rows"]) / (small["cpu_seconds"] / small["rows"])
-    per_million = {str(p["rows"]): 1e6 * p["seconds"] / p["rows"] for p in points}
+    """rss_ratio, the per-row time ratio (largest over smallest size measured) and their goals
+    (None until two sizes are measured); written after every point, so a run cut short keeps the
+    points it measured."""
+    rss_ratio = ratio(points, lambda p: p["peak_rss_mib"])
+    time_ratio = ratio(points, lambda p: p["seconds"] / p["rows"])
     return {
         "rows": [headline("peak RSS, largest over smallest size", rss_ratio, GOAL, higher_is_better=False),
                  headline("seconds per row, largest over smallest size", time_ratio, GOAL, higher_is_better=False)],
         "rss_ratio": rss_ratio,
-        "rss_ratio_goal_met": rss_ratio <= GOAL,
-        "rss_above_imports_ratio": delta_ratio,
+        "rss_ratio_goal_met": None if rss_ratio is None else rss_ratio <= GOAL,
+        "rss_above_imports_ratio": ratio(points, lambda p: p["peak_rss_mib"] - p["baseline_rss_mib"]),
         "seconds_per_row_ratio": time_ratio,
-        "seconds_linear_goal_met": time_ratio <= GOAL,
-        "cpu_seconds_per_row_ratio": cpu_ratio,
-        "seconds_per_million_rows": per_million,
+        "seconds_linear_goal_met": None if time_ratio is None else time_ratio <= GOAL,
+        "cpu_seconds_per_row_ratio": ratio(points, lambda p: p["cpu_seconds"] / p["rows"]),
+        "seconds_per_million_rows": {str(p["rows"]): 1e6 * p["seconds"] / p["rows"] for p in points},
         "cpu_seconds_per_million_rows": {str(p["rows"]): 1e6 * p["cpu_seconds"] / p["rows"] for p in points},
         "sizes": [p["rows"] for p in points],
     }
