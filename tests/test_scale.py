@@ -10,12 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasketch import MinHash
 
 from kalm_lib.batching import make_batch, negatives_per_query
 from kalm_lib.config import load_profile
 from kalm_lib.curation import curate, load_train_sets, near_dedup, normalise, write_curated
 from kalm_lib.data_cards import DataCardError, load_cards
-from kalm_lib.dedup import lsh_bands, parquet_files
+from kalm_lib.dedup import NUM_PERM, CharShingleSignature, lsh_bands, minhash_config, parquet_files, shingles
 from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RunLayout
 from kalm_lib.scale import StreamSettings, curate_stream, curate_streamed_sets, normalise_column, streamed_sets
 from kalm_lib.shards import ShardRows
@@ -69,6 +70,14 @@ def test_hub_stream_asks_load_dataset_for_a_stream(monkeypatch):
 def test_arrow_normalisation_equals_the_python_one():
     texts = ["  ﬁne\u00a0 print\n\tcase ", "a\u2028b\x1cc\x85d", "\u3000x\u2003 y\u200b", "Ⅻ  ㎏", "plain"]
     assert normalise_column(pa.chunked_array([texts])).to_pylist() == [normalise(t) for t in texts]
+
+
+def test_datatrove_signatures_are_the_datasketch_minhash_bands(tmp_path):
+    signer = CharShingleSignature(str(tmp_path), minhash_config(0.85))
+    for text in ["a small domesticated carnivorous mammal || cat", "x || y", "Ⅻ  ㎏ || ﬁne"]:
+        expected = MinHash.bulk([shingles(text)], num_perm=NUM_PERM)[0].hashvalues[:60].tolist()
+        bands = signer.get_signature(signer.get_shingles(text))
+        assert [len(band) for band in bands] == [15] * 4 and sum(bands, []) == expected
 
 
 def test_both_engines_cut_at_the_same_bands_and_drop_the_same_near_copy():
