@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,12 +226,6 @@ def _cap(source: Path, out: Path, work: Path, settings: StreamSettings, rows: in
     draw = SampleFilter(settings.cap / rows, settings.seed + 1)
     run_steps([row_reader(source), draw, row_writer(out, EXAMPLE_SCHEMA)], len(parquet_files(source)), settings.workers,
               work / "logs_cap")
-
-
-def read_shards(folder: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Every row of the shards under ``folder`` as one table (tests and small sets only)."""
-    return pa.concat_tables([pq.read_table(path, columns=columns) for path in parquet_files(folder)])
-
 
 
 def streamed_sets(cards: dict[str, DataCard]) -> frozenset[str]:
