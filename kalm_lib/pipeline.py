@@ -65,9 +65,10 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     evaluated = profile.evaluation.benchmark or profile.evaluation.standard_tasks
     external = task_texts(standard_tasks(evaluated)) if evaluated else frozenset()
     cards_dir = REPO_ROOT / profile.data.cards_dir
-    streamed = streamed_sets(load_cards(cards_dir)) if profile.data.stream_hub_sets else frozenset()
+    cards = load_cards(cards_dir)
+    streamed = streamed_sets(cards) if profile.data.stream_hub_sets else frozenset()
     result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, exclude=streamed)
-    curate_streamed_sets(result, profile.data, profile.seed, load_cards(cards_dir), streamed, layout)
+    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)
