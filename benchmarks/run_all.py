@@ -17,7 +17,7 @@ from kalm_lib.layout import REPO_ROOT
 
 from .common import out_dir, parser
 
-BENCHMARKS = ("train_throughput", "encode_throughput", "memory", "mfu", "scaling")
+BENCHMARKS = ("train_throughput", "encode_throughput", "memory", "mfu", "scaling", "data_scale")
 
 
 def run(name: str, argv: list[str]) -> None:

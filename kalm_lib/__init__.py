@@ -17,9 +17,12 @@ Model
 
 Data
     data_cards      source / derived / reference YAML cards, loaded and checked
-    sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets)
+    sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets, also streamed)
     builders        source tables -> training examples and held-out evaluation payloads
+    dedup           MinHash near-duplicate removal on datatrove over Parquet shards (local executor)
     curation        normalise, filter, de-duplicate, decontaminate, cap; write shards and cards
+    shards          a training set as Parquet shards, read a batch at a time
+    scale           streamed curation of hub sets to Parquet shards (datatrove filters and dedup)
     mining          hard negatives from the stage-1 model's ranking of a candidate pool; quality table
 
 Training

@@ -16,6 +16,9 @@ import pandas as pd
 
 from .data_cards import DataCard
 from .instructions import format_instructed
+from .shards import ShardRows
+
+TrainRows = pd.DataFrame | ShardRows  # a training set: in memory, or Parquet shards read a batch at a time
 
 _LOG = logging.getLogger(__name__)
 
@@ -71,13 +74,15 @@ def batch_plan(sizes: dict[str, int], batch_size: int, steps: int, seed: int) ->
     return plan[:steps]
 
 
-def negatives_per_query(frame: pd.DataFrame, wanted: int) -> int:
+def negatives_per_query(frame: TrainRows, wanted: int) -> int:
     """Hard negatives every row of the set can provide, capped at ``wanted``."""
+    if isinstance(frame, ShardRows):
+        return min(wanted, frame.min_list_length("negatives"))
     counts = frame["negatives"].map(len)
     return int(min(wanted, counts.min())) if len(counts) else 0
 
 
-def make_batch(frame: pd.DataFrame, card: DataCard, rows: np.ndarray, n_neg: int, rank: int, world_size: int) -> Batch:
+def make_batch(frame: TrainRows, card: DataCard, rows: np.ndarray, n_neg: int, rank: int, world_size: int) -> Batch:
     """This process's shard of a global batch, with instructions applied."""
     if len(rows) % world_size:
         raise ValueError(f"batch size {len(rows)} is not divisible by {world_size} processes")

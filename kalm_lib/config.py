@@ -25,6 +25,7 @@ PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # transformers attention kernels
+DEDUP_ENGINES = ("datatrove", "datasketch")  # near-duplicate removal inside a training set (kalm_lib.curation)
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,12 @@ class DataConfig:
     mining_consistency_filter: bool = True  # drop rows whose positive ranks below the mining window's start
     mining_pool_max: int = 0  # candidate words to mine from (a seeded sample); 0 = every word not held out
 
+    # --- scale path (issue #14): de-duplication engine and streamed curation to Parquet shards ---
+    dedup_engine: str = "datatrove"  # near-dup removal: datatrove (MinHash pipeline, local executor) or datasketch (pre-#14, in memory)
+    curation_workers: int = 1  # processes of datatrove's local executor (tasks run one after another with 1)
+    shard_rows: int = 100_000  # rows per Parquet shard of a streamed source (memory per curation task follows it)
+    stream_hub_sets: bool = False  # stage-1 hub_pairs sets: streamed to Parquet shards (kalm_lib.scale), trained from them
+
     def __post_init__(self) -> None:
         _fraction(self, "eval_word_fraction", "(0, 1)")
         _at_least(self, 1, "max_stage1_pairs_per_source", "max_stage2_per_source", "min_chars")
@@ -104,6 +111,8 @@ class DataConfig:
         _at_least(self, 0, "hard_negatives", "hard_negative_rank_min", "mining_score_decimals", "mining_pool_max")
         low, high = self.hard_negative_rank_min, self.hard_negative_rank_max
         _require("hard_negative_rank_max", high, high > low, f"> hard_negative_rank_min ({low})")
+        _require("dedup_engine", self.dedup_engine, self.dedup_engine in DEDUP_ENGINES, f"one of {DEDUP_ENGINES}")
+        _at_least(self, 1, "curation_workers", "shard_rows")
 
 
 @dataclass(frozen=True)

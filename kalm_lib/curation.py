@@ -34,6 +34,7 @@ from datasets import Dataset
 from datasketch import MinHash, MinHashLSH
 from pandas.api.types import is_string_dtype
 
+from .batching import TrainRows
 from .builders import (
     EVAL_BUILDERS,
     SINGLE_INPUT_BUILDERS,
@@ -43,12 +44,13 @@ from .builders import (
     Sources,
     is_held_out,
     word_key,
-    word_tokens,
 )
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
+from .dedup import NUM_PERM, near_dedup_shards, parquet_files, shingles
 from .layout import RunLayout
 from .outputs import write_output
+from .shards import ShardRows
 from .sources import load_source
 
 if TYPE_CHECKING:
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 _SPACE = re.compile(r"\s+")
 _NOT_TEXT = re.compile(r"(?:.*[-_])?(?:id|qid|docid|labels?)", re.IGNORECASE)  # mteb columns holding ids or labels
-NUM_PERM = 64  # MinHash permutations of every signature (evaluation index and de-duplication)
 # LSH (false positive, false negative) weights of the evaluation index: missing a copy of an
 # evaluation text costs more than dropping a training row. At threshold 0.8 a training text is
 # dropped with probability ~0.88 at Jaccard 0.8, 0.97 at 0.85, > 0.99 at 0.9; ~0.5 at 0.7, ~0.2 at 0.6.
@@ -100,17 +101,10 @@ def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: f
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def _shingles(text: str, width: int = 5) -> list[bytes]:
-    """Character ``width``-grams (the whole text if shorter) of the text's canonical form: its
-    casefolded word tokens joined by single spaces, so case and punctuation never matter
-    ("Unmarried." and "unmarried" have the same shingles)."""
-    canonical = " ".join(word_tokens(text))
-    return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
-
-
-def _signatures(texts: Sequence[str]) -> list[MinHash]:
-    """MinHash signatures (:data:`NUM_PERM` permutations) of the texts' shingles, in bulk."""
-    return MinHash.bulk([_shingles(text) for text in texts], num_perm=NUM_PERM)
+def signatures(texts: Sequence[str]) -> list[MinHash]:
+    """MinHash signatures (:data:`~kalm_lib.dedup.NUM_PERM` permutations) of the texts'
+    :func:`~kalm_lib.dedup.shingles`, in bulk."""
+    return MinHash.bulk([shingles(text) for text in texts], num_perm=NUM_PERM)
 
 
 def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
@@ -120,7 +114,7 @@ def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
     index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
     unique = sorted(set(texts))
     with index.insertion_session() as session:
-        for key, signature in enumerate(_signatures(unique)):
+        for key, signature in enumerate(signatures(unique)):
             session.insert(str(key), signature)
     return index
 
@@ -129,15 +123,31 @@ def drop_eval_near_duplicates(frame: pd.DataFrame, index: MinHashLSH) -> pd.Data
     """Drop rows whose query or positive is a near-duplicate (:func:`eval_text_index`) of an
     evaluation text."""
     texts = pd.unique(pd.concat([frame["query"], frame["positive"]]))
-    near = {text for text, signature in zip(texts, _signatures(texts)) if index.query(signature)}
+    near = {text for text, signature in zip(texts, signatures(texts)) if index.query(signature)}
     return frame[~(frame["query"].isin(near) | frame["positive"].isin(near))]
 
 
-def near_dedup(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold."""
+def near_dedup(frame: pd.DataFrame, threshold: float, engine: str = "datatrove", workers: int = 1) -> pd.DataFrame:
+    """Drop rows whose ``query || positive`` shingle Jaccard with another row exceeds ``threshold``.
+
+    ``engine`` ``datatrove`` (the default): datatrove's MinHash pipeline through Parquet shards on
+    its local executor (:func:`~kalm_lib.dedup.near_dedup_shards`, ``workers`` processes), one row
+    kept per cluster of near-duplicates. ``datasketch``: the in-memory LSH the study used before
+    issue #14, kept for the old-versus-new comparison (``benchmarks/curation_engines.py``).
+    """
+    if engine == "datatrove":
+        return near_dedup_shards(frame, threshold, workers)
+    if engine == "datasketch":
+        return _near_dedup_datasketch(frame, threshold)
+    raise ValueError(f"near-duplicate engine {engine!r} unknown; known: datatrove, datasketch")
+
+
+def _near_dedup_datasketch(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Keep the first of each group of rows whose ``query || positive`` Jaccard exceeds threshold
+    (in-memory datasketch LSH, rows in order)."""
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     keep = []
-    for index, signature in enumerate(_signatures((frame["query"] + " || " + frame["positive"]).tolist())):
+    for index, signature in enumerate(signatures((frame["query"] + " || " + frame["positive"]).tolist())):
         if lsh.query(signature):
             continue
         lsh.insert(str(index), signature)
@@ -192,6 +202,8 @@ class CurationResult:
     summary: list[dict] = field(default_factory=list)
     cards: dict[str, DataCard] = field(default_factory=dict)
     sources: Sources = field(default_factory=dict)
+    eval_words: frozenset[str] = frozenset()  # every held-out word (test and validation)
+    eval_texts: frozenset[str] = frozenset()  # every evaluation text decontaminated against
 
 
 def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
@@ -218,6 +230,7 @@ def curate(
     cards_dir: Path,
     extra_eval_texts: frozenset[str] = frozenset(),
     batch_sizes: Mapping[str, int] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> CurationResult:
     """Run the whole curation for the derived cards under ``cards_dir``.
 
@@ -225,10 +238,11 @@ def curate(
     rows. ``extra_eval_texts`` (e.g. :func:`task_texts` of the standard mteb tasks a profile
     evaluates) are decontaminated against like the local evaluation texts. ``batch_sizes`` maps a
     stage (``pretrain``, ``finetune``) to the batch size it trains with: a set of that stage with
-    fewer rows is flagged (:func:`flag_below_one_batch`); stages not in it are not checked.
+    fewer rows is flagged (:func:`flag_below_one_batch`); stages not in it are not checked. Training
+    sets named in ``exclude`` are left out, their sources unread (:mod:`kalm_lib.scale` streams them instead).
     """
     cards = load_cards(cards_dir)
-    derived = {n: c for n, c in cards.items() if c.kind == "derived"}
+    derived = {n: c for n, c in cards.items() if c.kind == "derived" and n not in exclude}
     if not derived:
         raise DataCardError(f"{cards_dir}: no derived cards")
     known = {**TRAIN_BUILDERS, **SINGLE_INPUT_BUILDERS, **EVAL_BUILDERS}
@@ -255,6 +269,7 @@ def curate(
             result.evals[name] = task
     eval_words = frozenset().union(*(t.words for t in result.evals.values()))
     eval_texts = frozenset().union(*(t.texts for t in result.evals.values()), map(normalise, extra_eval_texts))
+    result.eval_words, result.eval_texts = eval_words, eval_texts
     index = eval_text_index(eval_texts, cfg.eval_near_dup_threshold)
     for name, card in derived.items():
         if card.stage != "eval":
@@ -310,7 +325,7 @@ def _curate_train(
     pool = len(frame)
     frame = drop_eval_near_duplicates(frame, eval_index)
     counts["eval_near_duplicates"] = pool - len(frame)
-    frame = near_dedup(frame, cfg.near_dup_threshold)
+    frame = near_dedup(frame, cfg.near_dup_threshold, cfg.dedup_engine, cfg.curation_workers)
     counts["after_near_dedup_of_pool"] = len(frame)
     frame = frame.iloc[:cap].reset_index(drop=True)
     counts["kept"] = len(frame)
@@ -347,14 +362,16 @@ def _write_filled_card(card: DataCard, size: int, path: Path, layout: RunLayout)
     write_card(filled, layout.card(card.name))
 
 
-def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[pd.DataFrame, DataCard]]:
-    """Read back the curated shards and filled cards of one stage."""
+def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[TrainRows, DataCard]]:
+    """Read back the curated shards and filled cards of one stage: a one-file shard as a frame, a
+    streamed set's folder of shards as :class:`~kalm_lib.shards.ShardRows` (read a batch at a time)."""
     cards = load_cards(layout.cards, check_inputs=False)
-    sets = {}
+    sets: dict[str, tuple[TrainRows, DataCard]] = {}
     for name, card in cards.items():
         if card.stage == stage:
-            frame = pd.read_parquet(layout.data / card.extra["file"])
-            if frame.empty:
+            path = layout.data / card.extra["file"]
+            frame = ShardRows(parquet_files(path)) if path.is_dir() else pd.read_parquet(path)
+            if not len(frame):
                 raise DataCardError(f"{card.path}: shard {card.extra['file']} is empty")
             sets[name] = (frame, card)
     if not sets:

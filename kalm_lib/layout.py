@@ -12,6 +12,8 @@ are the constants below. A run folder::
       notebooks/NN_*.ipynb         the executed series
       data/                        notebook 00
         pretrain/<set>.parquet     curated shards, one per derived card
+        pretrain/<set>/*.parquet   a streamed set's shards (data.stream_hub_sets)
+        streaming_work/<set>/      while a streamed set is curated: intermediate shards, datatrove logs
         finetune/<set>.parquet
         mined/<set>.parquet        stage-2 shards with negatives mined by the stage-1 model (notebook 02)
         mining_pool.parquet        candidate words for mining (every word not held out) and their relations
@@ -145,6 +147,14 @@ class RunLayout:
     def shard(self, stage: str, name: str) -> Path:
         """Curated Parquet shard of training set ``name`` for ``stage`` (pretrain / finetune)."""
         return self.data / stage / f"{name}.parquet"
+
+    def shard_dir(self, stage: str, name: str) -> Path:
+        """Folder of Parquet shards of a streamed training set ``name`` (``data.stream_hub_sets``)."""
+        return self.data / stage / name
+
+    def streaming_work(self, name: str) -> Path:
+        """Intermediate shards, signatures and datatrove logs of streamed set ``name`` (removed once curated)."""
+        return self.data / "streaming_work" / name
 
     def mined_shard(self, name: str) -> Path:
         """Stage-2 shard of set ``name`` after hard-negative mining with the stage-1 model."""

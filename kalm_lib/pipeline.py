@@ -35,6 +35,7 @@ from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table,
 from .mteb_tasks import build_local_tasks, standard_tasks
 from .outputs import write_folder, write_output
 from .reference import stage_benchmark_means
+from .scale import curate_streamed_sets, streamed_sets
 from .soup import average_states, greedy_soup, load_state
 from .training import StageResult, TrainSets, latest_state, prune_states, train_stage
 
@@ -61,12 +62,16 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Curate every derived card; write shards, evaluation payloads, filled cards, the summary and
     the candidate pool that notebook 02 mines stage-2 hard negatives from. Profiles that evaluate
     standard MTEB tasks also decontaminate against those tasks' texts. The summary flags sets
-    smaller than one batch of the (enabled) stage that trains on them."""
+    smaller than one batch of the (enabled) stage that trains on them. With ``data.stream_hub_sets``
+    the stage-1 hub sets are streamed to folders of shards instead (:mod:`kalm_lib.scale`)."""
     layout = RunLayout(run_dir)
     external = task_texts(standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks))
     batch_sizes = {stage: cfg.batch_size for stage, cfg in (("pretrain", profile.pretrain), ("finetune", profile.finetune)) if cfg.enabled}
-    result = curate(profile.data, profile.seed, REPO_ROOT / profile.data.cards_dir, extra_eval_texts=external,
-                    batch_sizes=batch_sizes)
+    cards_dir = REPO_ROOT / profile.data.cards_dir
+    cards = load_cards(cards_dir)
+    streamed = streamed_sets(cards) if profile.data.stream_hub_sets else frozenset()
+    result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, batch_sizes=batch_sizes, exclude=streamed)
+    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)

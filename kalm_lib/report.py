@@ -55,7 +55,7 @@ def curation_summary(run_dir: Path) -> pd.DataFrame:
 
 def curated_samples(run_dir: Path, stage: str, rows: int = 3) -> dict[str, pd.DataFrame]:
     """The first ``rows`` curated examples (query, positive, negatives) of every set of ``stage``."""
-    return {name: frame[["query", "positive", "negatives"]].head(rows)
+    return {name: frame.head(rows)[["query", "positive", "negatives"]]
             for name, (frame, _) in load_train_sets(RunLayout(run_dir), stage).items()}
 
 

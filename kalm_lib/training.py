@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .batching import Batch, batch_plan, make_batch, negatives_per_query
+from .batching import Batch, TrainRows, batch_plan, make_batch, negatives_per_query
 from .chunking import Chunk, embed_chunks, plan_chunks
 from .config import TrainConfig
 from .data_cards import DataCard
@@ -39,7 +38,7 @@ from .layout import StageLayout
 from .losses import KalmContrastiveLoss, MatryoshkaLoss, TextKeys
 from .outputs import is_main_process, partial_folder, replace_folder, write_folder, write_output
 
-TrainSets = dict[str, tuple[pd.DataFrame, DataCard]]
+TrainSets = dict[str, tuple[TrainRows, DataCard]]
 
 
 @dataclass

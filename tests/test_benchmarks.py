@@ -188,3 +188,26 @@ def test_repeats_default_quick_and_explicit():
 
     p = parser("demo", repeats=5)
     assert [rounds(p.parse_args(argv)) for argv in ([], ["--quick"], ["--repeats", "2"])] == [5, 1, 2]
+
+
+def test_data_scale_quick(tmp_path):
+    """Its own --quick run (curation only, no model): every point in a fresh process, the documented fields."""
+    from benchmarks import data_scale
+
+    payload = data_scale.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    assert json.loads((tmp_path / "data_scale.json").read_text()) == payload
+    assert set(payload) == {"benchmark", "machine", "settings", "raw", "summary"} and payload["settings"]["quick"] is True
+    summary = payload["summary"]
+    points = summary["points"]
+    assert [p["rows"] for p in points] == payload["settings"]["sizes"] == sorted(data_scale.QUICK_SIZES)
+    for point in points:
+        assert point["stage"] == "curation" and point["pool"] is None
+        assert _positive(point["seconds"]) and _positive(point["cpu_seconds"]) and point["peak_rss_mib"] >= point["baseline_rss_mib"] > 0
+        counts = point["counts"]
+        assert counts["built"] == point["rows"] > counts["after_near_dedup_of_pool"] == counts["kept"] > 0.9 * point["rows"]
+        assert counts["eval_near_duplicates"] > 0 and counts["after_decontamination"] <= counts["built"]
+    assert sum(p["counts"]["built"] - p["counts"]["after_decontamination"] for p in points) > 0  # exact copies of eval texts
+    assert summary["rss_ratio"] == points[-1]["peak_rss_mib"] / points[0]["peak_rss_mib"]
+    assert summary["rss_ratio_goal_met"] is (summary["rss_ratio"] <= 1.5)
+    assert summary["seconds_linear_goal_met"] is (summary["seconds_per_row_ratio"] <= 1.5)
+    assert [r["goal"] for r in summary["rows"]] == ["<= 1.5", "<= 1.5"]
