@@ -51,13 +51,14 @@ class StageResult:
 
 
 def make_accelerator(bf16: bool) -> Accelerator:
-    """Accelerator for this host: bf16 autocast only on CUDA (a no-op request on CPU).
+    """Accelerator for this host: bf16 autocast when asked, on CUDA or CPU (``torch.autocast``
+    supports bfloat16 on both; the CPU rehearsal of the GPU profile runs the same mixed precision).
 
     DDP does not broadcast buffers at each forward: processes cut their shards into different
     numbers of length-sorted chunks, so per-forward collectives would not pair up (a hang), and
     the backbones' buffers (position ids, rotary frequencies) are constants anyway.
     """
-    precision = "bf16" if bf16 and torch.cuda.is_available() else "no"
+    precision = "bf16" if bf16 else "no"
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
