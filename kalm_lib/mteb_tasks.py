@@ -322,7 +322,11 @@ LOCAL_TASKS: Mapping[str, type[LocalEvalTask]] = MappingProxyType(
 
 
 def build_local_tasks(eval_dir: Path, names: Sequence[str] | None = None) -> list[AbsTask]:
-    """Local tasks bound to ``eval_dir`` (all of them when ``names`` is None), files checked now."""
+    """Local tasks bound to ``eval_dir`` (all of them when ``names`` is None), files checked now.
+    No names, no tasks: a run whose cards define no evaluation sets (the paper's hub cards) has no
+    ``eval_dir``, and asking for none of its tasks is not an error."""
+    if names is not None and not names:
+        return []
     eval_dir = Path(eval_dir)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"evaluation folder not found: {eval_dir}")
