@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 
 from kalm_lib import training
 from kalm_lib.batching import Batch, batch_plan, make_batch, negatives_per_query
-from kalm_lib.config import Profile, TrainConfig
+from kalm_lib.config import Profile, TrainConfig, load_profile
 from kalm_lib.curation import load_train_sets
 from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
 from kalm_lib.layout import RunLayout, StageLayout
@@ -231,6 +231,21 @@ def test_bf16_autocast_is_real_on_cpu(curated, finetune_sets, tmp_path: Path, fr
     assert losses[True] != losses[False]
     np.testing.assert_allclose(losses[True], losses[False], rtol=0.05)
     assert {p.dtype for p in runs[True][0].parameters()} == {torch.float32}
+
+
+def test_bf16_checkpoint_trains_float32_master_weights(curated, finetune_sets, tmp_path: Path) -> None:
+    """Bug: a bf16 checkpoint (Qwen2-0.5B's dtype; here the rehearsal's stand-in) was trained in bf16,
+    AdamW updating bf16 weights: at the paper's learning rates an update is far below half a bf16
+    step of most weights, so they never moved (every stage scored like the base model)."""
+    profile, _ = curated
+    rehearsal = load_profile("gpu-rehearsal").model
+    encoder = load_encoder(dataclasses.replace(rehearsal, gradient_checkpointing=False))
+    before = {name: p.detach().float().clone() for name, p in encoder.named_parameters()}
+    cfg = dataclasses.replace(profile.finetune, steps=2, learning_rate=1e-5, warmup_ratio=0.0, matryoshka_dims=[], matryoshka_weights=[])
+    train_stage(encoder, finetune_sets, cfg, tmp_path, seed=0)
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    moved = sum(int((p.detach() != before[name]).sum()) for name, p in encoder.named_parameters())
+    assert moved / sum(p.numel() for p in encoder.parameters()) > 0.9
 
 
 # --- the saved folder --------------------------------------------------------------------------
