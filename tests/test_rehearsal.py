@@ -52,6 +52,7 @@ SIZE_KEYS = {
     "finetune.batch_size",
     "finetune.mini_batch_size",
     "finetune.checkpoint_every",
+    "finetune.seeds",  # seeds count: a soup of 2 stage-2 runs, not 4
     # evaluation task list: one task of MTEB(eng, v1) (SciFact) instead of both whole benchmarks,
     # read by mteb from a hub-layout copy of its dataset
     "evaluation.benchmarks",
