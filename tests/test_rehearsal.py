@@ -47,7 +47,7 @@ SIZE_KEYS = {
     "pretrain.steps",
     "pretrain.batch_size",
     "pretrain.mini_batch_size",
-    "pretrain.checkpoint_every",  # every step, so the resumable state is written as on a long run
+    "pretrain.checkpoint_every",  # once per stage (its last step): the resumable state is written and pruned as on a long run
     "finetune.steps",
     "finetune.batch_size",
     "finetune.mini_batch_size",
