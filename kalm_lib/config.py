@@ -75,6 +75,7 @@ class DataConfig:
     """Curation: which data cards to read and how much of each derived set to keep."""
 
     cards_dir: str = "data_cards/offline"  # folder of source + derived cards, relative to the repo root
+    hub_files_dir: str = ""  # "" = the hub; else a folder of <source card name>.parquet read in place of each hub source (rehearsal)
     eval_word_fraction: float = 0.1  # share of words held out (stable hash) for the test split; as many again for validation
     max_stage1_pairs_per_source: int = 20000  # cap per stage-1 derived set, after filtering
     max_stage2_per_source: int = 4000  # cap per stage-2 derived set, after filtering
@@ -124,7 +125,7 @@ class ModelConfig:
     bidirectional: bool = True  # drop a decoder's causal mask (an encoder is bidirectional already)
     attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (transformers attention kernels; GPU hosts)
     max_length: int = 64  # tokens per text; longer texts are truncated
-    bf16: bool = False  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = False  # bf16 autocast of training forward passes (CUDA or CPU)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
     random_init: dict[str, Any] = field(default_factory=dict)  # {model_type, sizes...}: a random model from a config (tests)
 
@@ -208,6 +209,7 @@ class EvalConfig:
         ]
     )
     standard_tasks: list[str] = field(default_factory=list)  # mteb task names (hub hosts)
+    task_data_dir: str = ""  # "" = the hub; else a folder of hub-layout copies (<org>__<name>/) of the standard tasks' datasets (rehearsal)
     benchmarks: list[str] = field(default_factory=list)  # mteb benchmarks, e.g. ["MTEB(eng, v1)"] (hub hosts): their tasks
     # join standard_tasks, and each gets Mean(Task) / Mean(TaskType) as the leaderboard computes them
     batch_size: int = 128  # encode batch size

@@ -206,16 +206,18 @@ class CurationResult:
     eval_texts: frozenset[str] = frozenset()  # every evaluation text decontaminated against
 
 
-def load_all_sources(cards: dict[str, DataCard], needed: set[str]) -> Sources:
+def load_all_sources(cards: dict[str, DataCard], needed: set[str], hub_files_dir: Path | None = None) -> Sources:
     """Load every needed source card, :func:`normalise` its string columns (``str`` or all-string
     ``object`` dtype) and clean it with the :data:`~kalm_lib.builders.SOURCE_CLEANERS` entry of its
-    loader, if any."""
+    loader, if any. With ``hub_files_dir``, each hub source reads ``<card name>.parquet`` there
+    instead of the hub (:func:`~kalm_lib.sources.load_hub`)."""
     sources = {}
     for name in sorted(needed):
         card = cards[name]
         if card.kind != "source":
             raise DataCardError(f"{card.path}: {name!r} is used as an input but is a {card.kind} card")
-        frame = load_source(card)
+        local = hub_files_dir / f"{card.name}.parquet" if hub_files_dir is not None and card.loader == "hub" else None
+        frame = load_source(card, data_files=local)
         for column in frame.columns:
             if is_string_dtype(frame[column]):
                 frame[column] = frame[column].map(normalise, na_action="ignore")
@@ -231,6 +233,7 @@ def curate(
     extra_eval_texts: frozenset[str] = frozenset(),
     batch_sizes: Mapping[str, int] | None = None,
     exclude: frozenset[str] = frozenset(),
+    hub_files_dir: Path | None = None,
 ) -> CurationResult:
     """Run the whole curation for the derived cards under ``cards_dir``.
 
@@ -240,6 +243,7 @@ def curate(
     stage (``pretrain``, ``finetune``) to the batch size it trains with: a set of that stage with
     fewer rows is flagged (:func:`flag_below_one_batch`); stages not in it are not checked. Training
     sets named in ``exclude`` are left out, their sources unread (:mod:`kalm_lib.scale` streams them instead).
+    ``hub_files_dir`` holds local Parquet files standing in for the hub sources (:func:`load_all_sources`).
     """
     cards = load_cards(cards_dir)
     derived = {n: c for n, c in cards.items() if c.kind == "derived" and n not in exclude}
@@ -249,7 +253,7 @@ def curate(
     for card in derived.values():
         if card.builder not in known:
             raise DataCardError(f"{card.path}: field 'builder' {card.builder!r} is unknown; known: {sorted(known)}")
-    sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs})
+    sources = load_all_sources(cards, {i for c in derived.values() for i in c.inputs}, hub_files_dir)
     eval_rng = np.random.default_rng(seed)
     train_rng = np.random.default_rng(sample_seed(cfg, seed))
     result = CurationResult(cards=derived, sources=sources)

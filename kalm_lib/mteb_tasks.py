@@ -322,7 +322,11 @@ LOCAL_TASKS: Mapping[str, type[LocalEvalTask]] = MappingProxyType(
 
 
 def build_local_tasks(eval_dir: Path, names: Sequence[str] | None = None) -> list[AbsTask]:
-    """Local tasks bound to ``eval_dir`` (all of them when ``names`` is None), files checked now."""
+    """Local tasks bound to ``eval_dir`` (all of them when ``names`` is None), files checked now.
+    No names, no tasks: a run whose cards define no evaluation sets (the paper's hub cards) has no
+    ``eval_dir``, and asking for none of its tasks is not an error."""
+    if names is not None and not names:
+        return []
     eval_dir = Path(eval_dir)
     if not eval_dir.is_dir():
         raise FileNotFoundError(f"evaluation folder not found: {eval_dir}")
@@ -333,16 +337,44 @@ def build_local_tasks(eval_dir: Path, names: Sequence[str] | None = None) -> lis
     return [LOCAL_TASKS[name](eval_dir) for name in wanted]
 
 
-def standard_tasks(names: Sequence[str] = (), benchmarks: Sequence[str] = ()) -> list[AbsTask]:
+def standard_tasks(names: Sequence[str] = (), benchmarks: Sequence[str] = (), data_dir: Path | None = None) -> list[AbsTask]:
     """Standard mteb tasks (need hub access to load): the named tasks, then every task of the named
     benchmarks, each task once. A task that two benchmarks restrict differently (other subsets or
-    splits) is evaluated once on the union, and each benchmark's aggregate reads its own part."""
+    splits) is evaluated once on the union, and each benchmark's aggregate reads its own part.
+
+    With ``data_dir`` every task reads its dataset from a local copy there (:func:`with_local_data`)."""
     tasks: dict[str, AbsTask] = {task.metadata.name: task for task in mteb.get_tasks(tasks=list(names))} if names else {}
     for benchmark in benchmarks:
         for task in mteb.get_benchmark(benchmark).tasks:
             name = task.metadata.name
             tasks[name] = task if name not in tasks else _union(tasks[name], task)
-    return list(tasks.values())
+    return [with_local_data(task, data_dir) for task in tasks.values()] if data_dir is not None else list(tasks.values())
+
+
+def local_copy_folder(data_dir: Path, hub_path: str) -> Path:
+    """Folder of the local copy of hub dataset ``hub_path`` in ``data_dir``: ``org/name`` -> ``org__name``."""
+    return Path(data_dir) / hub_path.replace("/", "__")
+
+
+def with_local_data(task: AbsTask, data_dir: Path) -> AbsTask:
+    """``task`` with its dataset ``path`` pointed at the local copy of its hub dataset
+    (:func:`local_copy_folder`), a folder laid out like the hub repository (same files, and a
+    ``README.md`` declaring the same ``configs``). Nothing else changes: mteb's own loader reads
+    it through ``datasets`` (config and split discovery, ``load_dataset``) exactly as it reads the
+    hub; only the revision is not checked (a local folder has none). An aggregate task is refused
+    (its sub-tasks live in class-level metadata).
+
+    Raises:
+        FileNotFoundError: naming the task and the folder, if the copy is missing.
+        ValueError: for an aggregate task.
+    """
+    if isinstance(task, AbsTaskAggregate):
+        raise ValueError(f"{task.metadata.name}: aggregate tasks cannot read local copies; name its sub-tasks instead")
+    folder = local_copy_folder(data_dir, task.metadata.dataset["path"])
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{task.metadata.name}: no local copy of hub dataset {task.metadata.dataset['path']!r}: {folder}")
+    task.metadata = task.metadata.model_copy(update={"dataset": {**task.metadata.dataset, "path": str(folder)}})
+    return task
 
 
 def _union(first: AbsTask, second: AbsTask) -> AbsTask:

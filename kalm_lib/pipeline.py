@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from mteb import AbsTask
 
 from .bidirectional import first_token_sensitivity
 from .builders import word_key
@@ -56,6 +57,13 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
     return cfg, path
 
 
+def profile_standard_tasks(profile: Profile) -> list[AbsTask]:
+    """The standard mteb tasks the profile evaluates (:func:`~kalm_lib.mteb_tasks.standard_tasks`),
+    read from the local copies in ``evaluation.task_data_dir`` when it is set."""
+    cfg = profile.evaluation
+    return standard_tasks(cfg.standard_tasks, cfg.benchmarks, REPO_ROOT / cfg.task_data_dir if cfg.task_data_dir else None)
+
+
 # --- 00 data curation ----------------------------------------------------------------------------
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
@@ -65,13 +73,15 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     smaller than one batch of the (enabled) stage that trains on them. With ``data.stream_hub_sets``
     the stage-1 hub sets are streamed to folders of shards instead (:mod:`kalm_lib.scale`)."""
     layout = RunLayout(run_dir)
-    external = task_texts(standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks))
+    external = task_texts(profile_standard_tasks(profile))
     batch_sizes = {stage: cfg.batch_size for stage, cfg in (("pretrain", profile.pretrain), ("finetune", profile.finetune)) if cfg.enabled}
     cards_dir = REPO_ROOT / profile.data.cards_dir
     cards = load_cards(cards_dir)
     streamed = streamed_sets(cards) if profile.data.stream_hub_sets else frozenset()
-    result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, batch_sizes=batch_sizes, exclude=streamed)
-    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout)
+    hub_files = REPO_ROOT / profile.data.hub_files_dir if profile.data.hub_files_dir else None
+    result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, batch_sizes=batch_sizes,
+                    exclude=streamed, hub_files_dir=hub_files)
+    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout, hub_files)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)
@@ -218,11 +228,23 @@ def validation_score(encoder: Encoder, profile: Profile, run_dir: Path, name: st
 
 
 def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Uniform and/or greedy soup of the stage-2 checkpoints; returns the selection trace."""
+    """Uniform and/or greedy soup of the stage-2 checkpoints; returns the selection trace.
+
+    Every soup is scored on the validation split of ``soup.selection_task`` when the run has
+    validation payloads; a run whose cards define no evaluation sets (the paper's hub cards) has
+    none, so its uniform soup gets no validation score (NaN) and a greedy soup, which needs one to
+    rank checkpoints, is refused before any work.
+    """
     layout = RunLayout(run_dir)
     checkpoints = layout.stage2_finals()
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir}: no stage-2 checkpoints; run 03_finetuning first")
+    validated = layout.eval_payloads("validation").is_dir()
+    if "greedy" in profile.soup.methods and not validated:
+        raise FileNotFoundError(
+            f"{layout.eval_payloads('validation')}: a greedy soup ranks checkpoints on the validation split of "
+            f"{profile.soup.selection_task!r}, but this run's cards define no evaluation sets; use soup.methods: [uniform]"
+        )
     states = [load_state(path) for path in checkpoints]
     template = encoder_from_checkpoint(checkpoints[0], profile.model)
     rows = []
@@ -234,7 +256,7 @@ def run_soup(profile: Profile, run_dir: Path) -> pd.DataFrame:
     for method in profile.soup.methods:
         if method == "uniform":
             state, chosen = average_states(states), list(range(len(states)))
-            rows.append({"soup": "uniform", "chosen": chosen, "validation": score(state)})
+            rows.append({"soup": "uniform", "chosen": chosen, "validation": score(state) if validated else float("nan")})
         elif method == "greedy":
             greedy = greedy_soup(states, score)
             state, chosen = greedy.state, greedy.chosen
@@ -278,7 +300,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
-    tasks += standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks)
+    tasks += profile_standard_tasks(profile)
     frames, items = [], []
     models = evaluated_models(profile, run_dir)
     for label, path in models.items():

@@ -246,15 +246,18 @@ def shards_sha256(folder: Path) -> str:
 
 
 def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, cards: dict[str, DataCard], names: frozenset[str],
-                         layout: RunLayout) -> None:
+                         layout: RunLayout, hub_files_dir: Path | None = None) -> None:
     """Stream every set in ``names`` into its shard folder (:meth:`RunLayout.shard_dir`), against
     ``result``'s held-out words and evaluation texts; write its filled card and add its counts to
-    ``result.summary``. Intermediate files are removed once a set is done."""
+    ``result.summary``. Intermediate files are removed once a set is done. With ``hub_files_dir``, a
+    hub source streams ``<card name>.parquet`` there instead of the hub (as in :func:`curate`)."""
     for name in sorted(names):
         card = cards[name]
         out, work = layout.shard_dir(card.stage, name), layout.streaming_work(name)
         settings = StreamSettings.from_config(cfg, cfg.max_stage1_pairs_per_source, sample_seed(cfg, seed))
-        counts = curate_stream(card, cards[card.inputs[0]], settings, result.eval_words, result.eval_texts, out, work)
+        source = cards[card.inputs[0]]
+        local = hub_files_dir / f"{source.name}.parquet" if hub_files_dir is not None and source.loader == "hub" else None
+        counts = curate_stream(card, source, settings, result.eval_words, result.eval_texts, out, work, local)
         shutil.rmtree(work)
         filled = card.filled(size=counts["kept"], sha256=shards_sha256(out), file=str(out.relative_to(layout.data)))
         write_card(filled, layout.card(name))

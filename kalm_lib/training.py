@@ -51,13 +51,14 @@ class StageResult:
 
 
 def make_accelerator(bf16: bool) -> Accelerator:
-    """Accelerator for this host: bf16 autocast only on CUDA (a no-op request on CPU).
+    """Accelerator for this host: bf16 autocast when asked, on CUDA or CPU (``torch.autocast``
+    supports bfloat16 on both; the CPU rehearsal of the GPU profile runs the same mixed precision).
 
     DDP does not broadcast buffers at each forward: processes cut their shards into different
     numbers of length-sorted chunks, so per-forward collectives would not pair up (a hang), and
     the backbones' buffers (position ids, rotary frequencies) are constants anyway.
     """
-    precision = "bf16" if bf16 and torch.cuda.is_available() else "no"
+    precision = "bf16" if bf16 else "no"
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
@@ -194,13 +195,15 @@ def train_stage(
     ``resume_from`` is a ``state_*`` folder written by an earlier call (:func:`latest_state`);
     ``stop_after`` ends the run early after that many steps (used to test exact resume). On
     SIGTERM the current step completes, a state is saved and :class:`Preempted` is raised. The
-    update clips the global gradient norm to ``cfg.grad_clip``. ``out_dir`` is laid out as
+    update clips the global gradient norm to ``cfg.grad_clip``. The weights are trained (and saved)
+    in float32 even when the checkpoint is bf16; ``bf16`` autocasts the forward passes. ``out_dir`` is laid out as
     :class:`kalm_lib.layout.StageLayout` says; its states are kept until the caller has recorded
     the history (:func:`prune_states` with ``keep=0``).
     """
     stage = StageLayout(out_dir)
     set_seed(seed)
     accelerator = make_accelerator(bf16)
+    encoder.float()  # float32 master weights whatever the checkpoint's dtype: AdamW's small updates are lost on bf16 weights
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     model, optimizer = accelerator.prepare(encoder, optimizer)

@@ -76,7 +76,7 @@ def test_unknown_profile_leaves_nothing(tmp_path):
 
 def test_cli_reports_bad_parameter(tmp_path, capsys):
     assert main(["run", "--profile", "tiny", "--runs-dir", str(tmp_path), "--set", "finetune.gama=1"]) == 2
-    assert "unknown parameter(s) ['gama']" in capsys.readouterr().err
+    assert "unknown parameter(s) ['finetune.gama']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
