@@ -176,7 +176,7 @@ def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False, o
     for run in [] if report_only else select_runs(grid, only, done):
         reuse = layout.variant(run.reuse_from).root if run.reuse_from else None
         overrides = run.overrides if run.name == grid.reference else {**run.overrides, **variant_eval_overrides(reuse is not None)}
-        interrupted = incomplete_run(layout.root, run.name).is_dir()
+        interrupted = RunLayout(incomplete_run(layout.root, run.name)).series_progress.is_file()  # started: resume it
         run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse, resume=interrupted)
     reference = layout.variant(grid.reference).root
     parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],

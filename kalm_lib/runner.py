@@ -117,8 +117,9 @@ def run_series(
     if final.exists():
         raise FileExistsError(f"run folder already exists: {final}")
     work = incomplete_run(runs_dir, name)
-    if work.is_dir() and not RunLayout(work).series_progress.is_file():
-        shutil.rmtree(work)  # killed before its progress record was written: no notebook ran, nothing to keep
+    if _never_started(work):
+        with runner_lock(work):  # refuses while another runner holds it (a start in progress)
+            shutil.rmtree(work)
     if work.exists():
         raise FileExistsError(
             f"an interrupted run {name!r} is at {work}: continue it with `python -m kalm_lib run --resume {name}`"
@@ -158,6 +159,17 @@ def resume_series(runs_dir: Path, name: str, notebooks: list[Path] | None = None
                                  "git": git_state(REPO_ROOT)})
         progress.write(work)
         return _finish_series(work, final, progress, notebooks, kernel_name)
+
+
+def _never_started(work: Path) -> bool:
+    """True for a run folder killed between its creation and its first progress record: no
+    ``series_progress.json`` and nothing in it but an empty ``notebooks/`` and the lock file (a
+    folder holding anything else, e.g. from an older runner, is never deleted)."""
+    layout = RunLayout(work)
+    if not work.is_dir() or layout.series_progress.exists():
+        return False
+    allowed = {layout.notebooks.name, layout.runner_lock.name}
+    return {p.name for p in work.iterdir()} <= allowed and not any(layout.notebooks.glob("*"))
 
 
 @contextmanager

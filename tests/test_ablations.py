@@ -178,3 +178,27 @@ def test_report_only_needs_the_reference_run(tmp_path):
     grid = write_grid(tmp_path, "profile: tiny\nreference: full\nvariants: {full: {}, g0: {finetune.focal_gamma: 0.0}}\n")
     with pytest.raises(FileNotFoundError, match="reference run 'full' is not there yet"):
         run_grid(grid, tmp_path / "runs", "partial", report_only=True)
+
+
+def test_grid_resumes_only_runs_that_started(tmp_path, monkeypatch):
+    """A variant folder killed before its progress record is started again (run_series clears it),
+    not resumed: resuming it would fail on the missing record and block the grid."""
+    from kalm_lib import ablations
+    from kalm_lib.layout import GridLayout, RunLayout, incomplete_run
+
+    calls = []
+
+    def record(*args, resume, **kwargs):
+        calls.append((args[2], resume))
+        if len(calls) == 2:
+            raise InterruptedError  # stop before the grid report
+
+    monkeypatch.setattr(ablations, "run_series", record)
+    grid = load_grid(GRIDS_DIR / "cpu-findings.yaml")
+    root = GridLayout(tmp_path / "g").root
+    RunLayout(incomplete_run(root, "full_recipe")).notebooks.mkdir(parents=True)  # killed before its record
+    RunLayout(incomplete_run(root, "no_mixing")).series_progress.parent.mkdir(parents=True)
+    RunLayout(incomplete_run(root, "no_mixing")).series_progress.write_text("{}")  # started: resume it
+    with pytest.raises(InterruptedError):
+        ablations.run_grid(grid, tmp_path, "g", only=["full_recipe", "no_mixing"])
+    assert calls == [("full_recipe", False), ("no_mixing", True)]

@@ -103,6 +103,31 @@ def test_a_start_killed_before_its_progress_record_is_started_again(series, tmp_
     assert list(SeriesProgress.read(incomplete_run(runs, "r")).completed) == ["00_write"]
 
 
+def test_a_folder_with_work_but_no_progress_record_is_never_deleted(series, tmp_path: Path) -> None:
+    """Only an empty start is cleared: a folder holding anything else (e.g. written by an older
+    runner without progress records) stops the rerun and stays as it was."""
+    notebooks, _ = series
+    runs = tmp_path / "runs"
+    work = incomplete_run(runs, "r")
+    RunLayout(work).notebooks.mkdir(parents=True)
+    (RunLayout(work).notebooks / "00_write.ipynb").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume r"):
+        run_series("tiny", runs, "r", notebooks=notebooks)
+    assert (RunLayout(work).notebooks / "00_write.ipynb").read_text() == "{}"
+
+
+def test_an_empty_start_held_by_another_runner_is_not_deleted(series, tmp_path: Path) -> None:
+    notebooks, _ = series
+    runs = tmp_path / "runs"
+    work = incomplete_run(runs, "r")
+    RunLayout(work).notebooks.mkdir(parents=True)
+    with open(RunLayout(work).runner_lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="being written by another running process"):
+            run_series("tiny", runs, "r", notebooks=notebooks)
+    assert work.is_dir()
+
+
 def test_a_run_being_written_cannot_be_resumed_twice(series, tmp_path: Path) -> None:
     notebooks, _ = series
     runs = tmp_path / "runs"
