@@ -155,10 +155,20 @@ def _near_dedup_datasketch(frame: pd.DataFrame, threshold: float) -> pd.DataFram
     return frame.iloc[keep]
 
 
+SHARED_COLLECTIONS = frozenset({"corpus"})  # retrieval / reranking document collections: not decontaminated against
+
+
 def task_texts(tasks: Iterable[AbsTask]) -> frozenset[str]:
-    """Every text of the given mteb tasks: after ``task.load_data()``, the string values of every
-    column (ids and labels aside) of every ``Dataset`` in ``task.dataset``, however nested (subset
-    -> split -> queries / corpus / sentences ...), lists of strings included."""
+    """The evaluation texts of the given mteb tasks a training row must not copy: after
+    ``task.load_data()``, the string values of every column (ids and labels aside) of every
+    ``Dataset`` in ``task.dataset``, however nested (subset -> split -> queries / sentences ...),
+    lists of strings included, except the document collections (:data:`SHARED_COLLECTIONS`).
+
+    A retrieval corpus is shared with training collections by design (MS MARCO's passages are the
+    training and the evaluation corpus) and is large (tens of millions of documents over
+    MTEB(eng, v1) and MTEB(cmn, v1)): decontaminating against it would drop the paper's training
+    sets and could not be indexed in memory. Test queries, pairs, sentences and labels texts are
+    what a model must not have seen."""
     texts: set[str] = set()
     for task in tasks:
         task.load_data()
@@ -173,8 +183,9 @@ def _dataset_texts(node: Any) -> Iterator[str]:
             if not _NOT_TEXT.fullmatch(column):
                 yield from _strings(node[column])
     elif isinstance(node, Mapping):
-        for value in node.values():
-            yield from _dataset_texts(value)
+        for key, value in node.items():
+            if key not in SHARED_COLLECTIONS:
+                yield from _dataset_texts(value)
 
 
 def _strings(values: Iterable[Any]) -> Iterator[str]:

@@ -81,7 +81,7 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     hub_files = REPO_ROOT / profile.data.hub_files_dir if profile.data.hub_files_dir else None
     result = curate(profile.data, profile.seed, cards_dir, extra_eval_texts=external, batch_sizes=batch_sizes,
                     exclude=streamed, hub_files_dir=hub_files)
-    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout, hub_files)
+    curate_streamed_sets(result, profile.data, profile.seed, cards, streamed, layout, hub_files, batch_sizes)
     summary = write_curated(result, layout)
     held_out = frozenset(word_key(w) for task in result.evals.values() for w in task.words)
     write_output(pool_table(result.sources, held_out), layout.mining_pool)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from datatrove.utils.stats import PipelineStats
 
 from .builders import word_key
 from .config import DataConfig
-from .curation import CurationResult, eval_text_index, file_sha256, sample_seed, signatures
+from .curation import CurationResult, eval_text_index, file_sha256, flag_below_one_batch, sample_seed, signatures
 from .data_cards import DataCard, DataCardError, write_card
 from .dedup import EXAMPLE_SCHEMA, count_rows, minhash_dedup, parquet_files, row_reader, row_writer, run_steps
 from .layout import RunLayout
@@ -246,11 +247,13 @@ def shards_sha256(folder: Path) -> str:
 
 
 def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, cards: dict[str, DataCard], names: frozenset[str],
-                         layout: RunLayout, hub_files_dir: Path | None = None) -> None:
+                         layout: RunLayout, hub_files_dir: Path | None = None,
+                         batch_sizes: Mapping[str, int] | None = None) -> None:
     """Stream every set in ``names`` into its shard folder (:meth:`RunLayout.shard_dir`), against
     ``result``'s held-out words and evaluation texts; write its filled card and add its counts to
     ``result.summary``. Intermediate files are removed once a set is done. With ``hub_files_dir``, a
-    hub source streams ``<card name>.parquet`` there instead of the hub (as in :func:`curate`)."""
+    hub source streams ``<card name>.parquet`` there instead of the hub (as in :func:`curate`).
+    ``batch_sizes`` flags a streamed set smaller than one batch, as :func:`curate` does for the others."""
     for name in sorted(names):
         card = cards[name]
         out, work = layout.shard_dir(card.stage, name), layout.streaming_work(name)
@@ -261,4 +264,5 @@ def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, car
         shutil.rmtree(work)
         filled = card.filled(size=counts["kept"], sha256=shards_sha256(out), file=str(out.relative_to(layout.data)))
         write_card(filled, layout.card(name))
+        flag_below_one_batch([counts], batch_sizes or {})
         result.summary.append(counts)

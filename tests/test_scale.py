@@ -172,7 +172,7 @@ def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tm
     layout = RunLayout(tmp_path / "run")
     result = curate(data, 42, DATA_CARDS_DIR / "paper", exclude=streamed)
     assert not set(result.train) & streamed and not set(result.sources) & {PAPER[n].inputs[0] for n in streamed}
-    curate_streamed_sets(result, data, 42, PAPER, streamed, layout)
+    curate_streamed_sets(result, data, 42, PAPER, streamed, layout, batch_sizes={"pretrain": 8})
     write_curated(result, layout)
     assert not layout.streaming_work("pt_hub_gooaq").exists()
     sets = load_train_sets(layout, "pretrain")
@@ -187,3 +187,4 @@ def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tm
     summary = pd.read_csv(layout.curation_summary).set_index("set")
     assert set(summary.index) == {n for n, c in PAPER.items() if c.kind == "derived"}
     assert summary.loc[sorted(streamed), "kept"].eq(6).all()
+    assert summary.loc[sorted(streamed), "below_one_batch"].astype(bool).all()  # 6 rows < a batch of 8: flagged
