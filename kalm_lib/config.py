@@ -25,6 +25,9 @@ PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # transformers attention kernels
+POOLING_MODES = ("mean", "last", "cls")  # kalm_lib.pooling
+SOUP_METHODS = ("uniform", "greedy")  # kalm_lib.soup / pipeline.run_soup
+QUANTIZATIONS = ("int8", "binary")  # kalm_lib.evaluation compressed embeddings
 DEDUP_ENGINES = ("datatrove", "datasketch")  # near-duplicate removal inside a training set (kalm_lib.curation)
 
 
@@ -133,6 +136,7 @@ class ModelConfig:
         attn = self.attn_implementation
         _require("attn_implementation", attn, attn in ATTN_IMPLEMENTATIONS, f"one of {ATTN_IMPLEMENTATIONS}")
         _at_least(self, 1, "max_length")
+        _require("pooling", self.pooling, self.pooling in POOLING_MODES, f"one of {POOLING_MODES}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,10 @@ class SoupConfig:
     methods: list[str] = field(default_factory=lambda: ["uniform", "greedy"])  # uniform: mean of all; greedy: best-first
     selection_task: str = "KalmDefinitionRetrieval"  # validation-split task that ranks checkpoints for greedy
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SOUP_METHODS]
+        _require("methods", self.methods, not unknown, f"a list of {SOUP_METHODS}")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -222,6 +230,8 @@ class EvalConfig:
         _at_least(self, 1, "batch_size")
         dims = self.matryoshka_dims
         _require("matryoshka_dims", dims, all(d >= 1 for d in dims), "positive")
+        unknown = [q for q in self.quantizations if q not in QUANTIZATIONS]
+        _require("quantizations", self.quantizations, not unknown, f"a list of {QUANTIZATIONS}")
 
 
 @dataclass(frozen=True)

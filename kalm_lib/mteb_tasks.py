@@ -30,6 +30,8 @@ from mteb.abstasks.abstask import get_abstask_prompt
 from mteb.abstasks.aggregated_task import AbsTaskAggregate
 from mteb.timing import TimingStack
 
+from .config import ConfigError
+
 GCIDE_REFERENCE = "https://gcide.gnu.org.ua/"
 OEWN_REFERENCE = "https://en-word.net/"
 DEFAULT_BENCHMARK = "MTEB(eng, v2)"
@@ -375,6 +377,18 @@ def with_local_data(task: AbsTask, data_dir: Path) -> AbsTask:
         raise FileNotFoundError(f"{task.metadata.name}: no local copy of hub dataset {task.metadata.dataset['path']!r}: {folder}")
     task.metadata = task.metadata.model_copy(update={"dataset": {**task.metadata.dataset, "path": str(folder)}})
     return task
+
+
+def check_standard_names(names: Sequence[str], benchmarks: Sequence[str]) -> None:
+    """Raise :class:`~kalm_lib.config.ConfigError` naming the field for an mteb task or benchmark
+    name the registry does not know (metadata only: nothing is downloaded), before any work."""
+    for field, items, lookup in (("evaluation.standard_tasks", names, lambda n: mteb.get_tasks(tasks=[n])),
+                                 ("evaluation.benchmarks", benchmarks, mteb.get_benchmark)):
+        for item in items:
+            try:
+                lookup(item)
+            except KeyError as exc:
+                raise ConfigError(f"{field}: {item!r} is not an mteb name: {exc.args[0]}") from None
 
 
 def _union(first: AbsTask, second: AbsTask) -> AbsTask:

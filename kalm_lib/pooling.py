@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 PoolingMode = Literal["mean", "last", "cls"]
-POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)
+POOLING_MODES: tuple[str, ...] = get_args(PoolingMode)  # = config.POOLING_MODES (tests/test_config.py)
 
 
 def first_token_index(attention_mask: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from .config import load_profile
 from .encoder import resolve_model_path
 from .layout import NOTEBOOKS_DIR, REPO_ROOT, RUNS_DIR, RunLayout, incomplete_run
 from .manifest import data_hashes, git_state, machine_info, package_versions
+from .mteb_tasks import check_standard_names
 from .outputs import write_output
 from .series_progress import AlteredRunError, SeriesProgress, altered_outputs
 
@@ -110,6 +111,7 @@ def run_series(
         return resume_series(runs_dir, name, notebooks, kernel_name)
     overrides = dict(overrides or {})
     resolved = load_profile(profile, overrides)  # fail fast on unknown profile / parameter
+    check_standard_names(resolved.evaluation.standard_tasks, resolved.evaluation.benchmarks)
     if not resolved.model.random_init:
         resolve_model_path(resolved.model.name_or_path)  # fail fast on a missing model folder
     name = name or f"{resolved.name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
@@ -163,7 +165,7 @@ def resume_series(runs_dir: Path, name: str, notebooks: list[Path] | None = None
 
 def _never_started(work: Path) -> bool:
     """True for a run folder killed between its creation and its first progress record: no
-    ``series_progress.json`` and nothing in it but an empty ``notebooks/`` and the lock file (a
+    progress record (:attr:`RunLayout.series_progress`) and nothing in it but an empty notebook folder and the lock file (a
     folder holding anything else, e.g. from an older runner, is never deleted)."""
     layout = RunLayout(work)
     if not work.is_dir() or layout.series_progress.exists():

@@ -95,6 +95,9 @@ BAD_VALUES = [
     ("data.mining_pool_max", -1, "data.mining_pool_max must be >= 0, got -1"),
     # model
     ("model.attn_implementation", "flash", "model.attn_implementation must be one of ('sdpa', 'eager', 'flash_attention_2'), got 'flash'"),
+    ("model.pooling", "max", "model.pooling must be one of ('mean', 'last', 'cls'), got 'max'"),
+    ("soup.methods", ["uniform", "bogus"], "soup.methods must be a list of ('uniform', 'greedy'), got ['uniform', 'bogus']"),
+    ("evaluation.quantizations", ["int4"], "evaluation.quantizations must be a list of ('int8', 'binary'), got ['int4']"),
     ("model.max_length", 0, "model.max_length must be >= 1, got 0"),
     # pretrain / finetune
     ("finetune.steps", -1, "finetune.steps must be >= 0, got -1"),
@@ -179,3 +182,14 @@ def test_optional_fields_take_none_or_their_type():
     assert load_profile("tiny", {"data.sample_seed": 3}).data.sample_seed == 3
     with pytest.raises(ConfigError, match="data.sample_seed must be an integer, got 'three'"):
         load_profile("tiny", {"data.sample_seed": "three"})
+
+
+def test_config_name_lists_match_the_modules_that_use_them():
+    """The names config validates at load are the ones the code accepts (the modules' Literal types)."""
+    from typing import get_args
+
+    from kalm_lib.config import POOLING_MODES, QUANTIZATIONS
+    from kalm_lib.evaluation import Quantization
+    from kalm_lib.pooling import PoolingMode
+
+    assert get_args(PoolingMode) == POOLING_MODES and get_args(Quantization) == QUANTIZATIONS

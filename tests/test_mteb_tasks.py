@@ -32,7 +32,7 @@ from mteb.mocks.mock_tasks.reranking import MockAggregatedTask
 from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
 
 from kalm_lib.bootstrap import cosine_average_precision, paired_comparisons, read_per_item
-from kalm_lib.config import Profile, load_profile
+from kalm_lib.config import ConfigError, Profile, load_profile
 from kalm_lib.encoder import encoder_from_checkpoint, load_encoder
 from kalm_lib.evaluation import (
     PER_ITEM_COLUMNS,
@@ -51,12 +51,14 @@ from kalm_lib.mteb_tasks import (
     LOCAL_TASKS,
     _union,
     build_local_tasks,
+    check_standard_names,
     fresh_task,
     payload_revision,
     standard_tasks,
     task_instruction,
 )
 from kalm_lib.pipeline import run_evaluation, validation_score
+from kalm_lib.runner import run_series
 
 RETRIEVAL = "KalmDefinitionRetrieval"
 PAIRS = "KalmSynonymAntonymPairClassification"
@@ -683,3 +685,12 @@ def test_validation_score_is_paired(hand_built_run: tuple[Profile, Path]) -> Non
     first = validation_score(tuned, profile, run, "candidate")
     validation_score(other, profile, run, "candidate")
     assert validation_score(tuned, profile, run, "candidate") == first
+
+
+def test_unknown_standard_names_stop_before_any_work(tmp_path: Path) -> None:
+    check_standard_names(["SciFact"], ["MTEB(eng, v1)", "MTEB(cmn, v1)"])
+    with pytest.raises(ConfigError, match=r"evaluation.standard_tasks: 'NoSuchTask' is not an mteb name"):
+        check_standard_names(["NoSuchTask"], [])
+    with pytest.raises(ConfigError, match=r"evaluation.benchmarks: 'MTEB\(nope\)' is not an mteb name"):
+        run_series("tiny", tmp_path, "r", {"evaluation.benchmarks": ["MTEB(nope)"]})
+    assert not any(tmp_path.iterdir())
