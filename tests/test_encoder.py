@@ -58,8 +58,11 @@ def test_encoder_cannot_be_made_causal():
 
 
 def test_unknown_pooling_is_rejected():
-    with pytest.raises(ConfigError, match="model.pooling"):
-        load_encoder(ModelConfig(random_init=TINY_QWEN2, pooling="max"))
+    with pytest.raises(ConfigError, match="pooling must be one of"):  # when the profile loads
+        ModelConfig(random_init=TINY_QWEN2, pooling="max")
+    encoder = load_encoder(ModelConfig(random_init=TINY_QWEN2))
+    with pytest.raises(ConfigError, match="model.pooling"):  # and by the encoder itself
+        Encoder(encoder.backbone, encoder.tokenizer, pooling="max")
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
