@@ -29,10 +29,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from spawned_ranks import gloo_group, run_ranks
 
 from kalm_lib.config import load_profile
 from kalm_lib.hard_negative_mixing import MixingConfig
@@ -95,33 +94,15 @@ def loss_and_grads(case: str, in_batch: bool, rows: slice = slice(None)) -> tupl
 
 
 def _worker(rank: int, store: str, results) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, store, WORLD):
         shard = slice(rank * LOCAL, (rank + 1) * LOCAL)
         results.put((rank, {case: loss_and_grads(*case, shard) for case in CASES}))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gather_with_grad_gives_big_batch_gradients(tmp_path: Path) -> None:
     """Cross-device negatives, focal weight, Matryoshka and hard-negative mixing (the same draws
     and the same k for a global row however the batch is split): 2 processes = 1 process."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    # A file store rendezvous: no TCP port that another process could take in between.
-    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / "store"), results)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    try:
-        local = [r for _, r in sorted((results.get(timeout=TIMEOUT) for _ in procs), key=lambda r: r[0])]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs)
+    local = run_ranks(_worker, tmp_path / "store", WORLD, TIMEOUT)
     for case in CASES:
         loss, grads = loss_and_grads(*case)
         assert sum(r[case][0] for r in local) / WORLD == pytest.approx(loss, abs=1e-6), case

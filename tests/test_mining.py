@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from spawned_ranks import gloo_group, run_ranks
 
 from kalm_lib.builders import synonym_triples
 from kalm_lib.data_cards import DataCard
@@ -228,17 +229,9 @@ def sharded_case() -> tuple[pd.DataFrame, dict[str, np.ndarray], list[str], Mini
 
 
 def _mining_worker(rank: int, store: str, results) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, store, WORLD):
         rows, table, words, cfg = sharded_case()
         results.put((rank, mine_hard_negatives(rows, card(), TableEncoder(table), words, cfg).frame))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_one_process_shard_is_everything():
@@ -249,21 +242,7 @@ def test_one_process_shard_is_everything():
 
 @pytest.mark.slow
 def test_two_processes_mine_exactly_like_one(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_mining_worker, args=(rank, str(tmp_path / "store"), results)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    try:
-        frames = [results.get(timeout=180)[1] for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    assert all(proc.exitcode == 0 for proc in procs)
+    frames = run_ranks(_mining_worker, tmp_path / "store", WORLD, timeout=180)
     rows, table, words, cfg = sharded_case()
     single = mine_hard_negatives(rows, card(), TableEncoder(table), words, cfg).frame
     for mined in frames:
