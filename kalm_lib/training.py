@@ -196,14 +196,14 @@ def train_stage(
     ``stop_after`` ends the run early after that many steps (used to test exact resume). On
     SIGTERM the current step completes, a state is saved and :class:`Preempted` is raised. The
     update clips the global gradient norm to ``cfg.grad_clip``. The weights are trained (and saved)
-    in float32 even when the checkpoint is bf16; ``bf16`` autocasts the forward passes. ``out_dir`` is laid out as
+    in the encoder's float32 (:func:`kalm_lib.encoder.load_backbone` loads every checkpoint so);
+    ``bf16`` autocasts the forward passes. ``out_dir`` is laid out as
     :class:`kalm_lib.layout.StageLayout` says; its states are kept until the caller has recorded
     the history (:func:`prune_states` with ``keep=0``).
     """
     stage = StageLayout(out_dir)
     set_seed(seed)
     accelerator = make_accelerator(bf16)
-    encoder.float()  # float32 master weights whatever the checkpoint's dtype: AdamW's small updates are lost on bf16 weights
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     model, optimizer = accelerator.prepare(encoder, optimizer)
