@@ -30,7 +30,7 @@ from .data_cards import DataCard, load_cards
 from .encoder import saved_prompts
 from .instructions import format_instructed, instruction_prompt, prompt_name
 from .layout import INCOMPLETE_PREFIX, MODEL_CARD, SOUP_PREFIX, STAGE1, RunLayout, is_soup_label, stage2_seed
-from .mteb_tasks import LOCAL_TASKS, find_task_metadata, standard_tasks, task_instruction
+from .mteb_tasks import LOCAL_TASKS, evaluated_standard_tasks, find_task_metadata, task_instruction
 from .outputs import write_output
 
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the model the packaged alias installs
@@ -74,7 +74,7 @@ def task_prompts(tasks: Iterable[AbsTask]) -> dict[str, str]:
 def run_prompts(profile: Profile, run_dir: Path) -> dict[str, str]:
     """The prompts of a run: its curated data cards and, when evaluated, its standard mteb tasks."""
     prompts = card_prompts(load_cards(RunLayout(run_dir).cards, check_inputs=False).values())
-    prompts.update(task_prompts(standard_tasks(profile.evaluation.standard_tasks, profile.evaluation.benchmarks)))
+    prompts.update(task_prompts(evaluated_standard_tasks(profile.evaluation)))
     return prompts
 
 

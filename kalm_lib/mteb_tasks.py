@@ -30,7 +30,8 @@ from mteb.abstasks.abstask import get_abstask_prompt
 from mteb.abstasks.aggregated_task import AbsTaskAggregate
 from mteb.timing import TimingStack
 
-from .config import ConfigError
+from .config import ConfigError, EvalConfig
+from .layout import REPO_ROOT
 
 GCIDE_REFERENCE = "https://gcide.gnu.org.ua/"
 OEWN_REFERENCE = "https://en-word.net/"
@@ -377,6 +378,12 @@ def with_local_data(task: AbsTask, data_dir: Path) -> AbsTask:
         raise FileNotFoundError(f"{task.metadata.name}: no local copy of hub dataset {task.metadata.dataset['path']!r}: {folder}")
     task.metadata = task.metadata.model_copy(update={"dataset": {**task.metadata.dataset, "path": str(folder)}})
     return task
+
+
+def evaluated_standard_tasks(cfg: EvalConfig) -> list[AbsTask]:
+    """The standard mteb tasks a profile evaluates (:func:`standard_tasks` of its names and
+    benchmarks), read from the local copies in ``cfg.task_data_dir`` when it is set."""
+    return standard_tasks(cfg.standard_tasks, cfg.benchmarks, REPO_ROOT / cfg.task_data_dir if cfg.task_data_dir else None)
 
 
 def check_standard_names(names: Sequence[str], benchmarks: Sequence[str]) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from mteb import AbsTask
 
 from .bidirectional import first_token_sensitivity
 from .builders import word_key
@@ -33,7 +32,7 @@ from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, eva
 from .hub import run_prompts, write_model_card
 from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, StageLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
-from .mteb_tasks import build_local_tasks, standard_tasks
+from .mteb_tasks import build_local_tasks, evaluated_standard_tasks
 from .outputs import write_folder, write_output
 from .reference import stage_benchmark_means
 from .scale import curate_streamed_sets, streamed_sets
@@ -57,13 +56,6 @@ def open_run(profile: str, run_dir: str | Path, overrides: dict | None = None) -
     return cfg, path
 
 
-def profile_standard_tasks(profile: Profile) -> list[AbsTask]:
-    """The standard mteb tasks the profile evaluates (:func:`~kalm_lib.mteb_tasks.standard_tasks`),
-    read from the local copies in ``evaluation.task_data_dir`` when it is set."""
-    cfg = profile.evaluation
-    return standard_tasks(cfg.standard_tasks, cfg.benchmarks, REPO_ROOT / cfg.task_data_dir if cfg.task_data_dir else None)
-
-
 # --- 00 data curation ----------------------------------------------------------------------------
 
 def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
@@ -73,7 +65,7 @@ def run_curation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     smaller than one batch of the (enabled) stage that trains on them. With ``data.stream_hub_sets``
     the stage-1 hub sets are streamed to folders of shards instead (:mod:`kalm_lib.scale`)."""
     layout = RunLayout(run_dir)
-    external = task_texts(profile_standard_tasks(profile))
+    external = task_texts(evaluated_standard_tasks(profile.evaluation))
     batch_sizes = {stage: cfg.batch_size for stage, cfg in (("pretrain", profile.pretrain), ("finetune", profile.finetune)) if cfg.enabled}
     cards_dir = REPO_ROOT / profile.data.cards_dir
     cards = load_cards(cards_dir)
@@ -300,7 +292,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
-    tasks += profile_standard_tasks(profile)
+    tasks += evaluated_standard_tasks(profile.evaluation)
     frames, items = [], []
     models = evaluated_models(profile, run_dir)
     for label, path in models.items():
