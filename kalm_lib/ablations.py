@@ -8,6 +8,8 @@ A grid YAML names a base profile and variants as dotted overrides::
       full_recipe: {}
       no_focal: {finetune.focal_gamma: 0.0}
 
+Optional top-level ``overrides`` apply to every run of the grid (e.g. ``{threads: 1}`` to run two
+grid processes side by side on two cores); a variant's own overrides win over them.
 Each variant is a real papermill run of the series. A variant that changes nothing upstream of
 stage 2 (no ``data.*``, ``model.*`` or ``pretrain.*`` key) reuses the reference run's curated data
 and stage-1 checkpoint, so the comparison isolates the stage-2 trick and costs only stage 2.
@@ -59,6 +61,7 @@ class Grid:
     reference: str
     variants: dict[str, dict[str, Any]]
     replicates: dict[str, Replicate] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every run first
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def load_grid(path: Path) -> Grid:
     """Read and validate a grid YAML (every run's overrides are checked against the profile)::
 
         profile: cpu
+        overrides: {threads: 1}          # optional: applied to every run
         reference: full_recipe
         variants: {full_recipe: {}, gamma_0: {finetune.focal_gamma: 0.0}}
         replicates:                      # optional: the same variants again under other overrides
@@ -90,7 +94,7 @@ def load_grid(path: Path) -> Grid:
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - {"profile", "reference", "variants", "replicates"})
+    unknown = sorted(set(raw) - {"profile", "overrides", "reference", "variants", "replicates"})
     if unknown:
         raise ConfigError(f"{path}: unknown grid field(s) {unknown}")
     variants = {k: dict(v or {}) for k, v in (raw.get("variants") or {}).items()}
@@ -98,7 +102,10 @@ def load_grid(path: Path) -> Grid:
     if reference not in variants:
         raise ConfigError(f"{path}: 'reference' must name one of the variants {sorted(variants)}")
     replicates = {name: _replicate(path, name, entry, variants, reference) for name, entry in (raw.get("replicates") or {}).items()}
-    grid = Grid(raw.get("profile", "cpu"), reference, variants, replicates)
+    shared = raw.get("overrides") or {}
+    if not isinstance(shared, dict):
+        raise ConfigError(f"{path}: 'overrides' must be a mapping of dotted keys to values, got {shared!r}")
+    grid = Grid(raw.get("profile", "cpu"), reference, variants, replicates, dict(shared))
     for run in plan_runs(grid):
         if REPLICATE_MARK in run.variant:
             raise ConfigError(f"{path}: variant name {run.variant!r} must not contain {REPLICATE_MARK!r}")
@@ -118,7 +125,8 @@ def _replicate(path: Path, name: str, entry: Any, variants: dict[str, dict[str, 
 
 def plan_runs(grid: Grid) -> list[PlannedRun]:
     """Every run of the grid in order: the reference, then the variants; then each replicate's
-    reference and variants. A variant that changes nothing upstream of stage 2 reuses the
+    reference and variants. A run's overrides are the grid's, then its replicate's, then its
+    variant's (later ones win). A variant that changes nothing upstream of stage 2 reuses the
     reference of its own replicate."""
     runs = []
     groups = [("", {}, list(grid.variants))]
@@ -126,7 +134,8 @@ def plan_runs(grid: Grid) -> list[PlannedRun]:
     for replicate, extra, members in groups:
         for variant in [grid.reference, *(v for v in members if v != grid.reference)]:
             own = variant == grid.reference or needs_own_upstream(grid.variants[variant])
-            runs.append(PlannedRun(run_name(variant, replicate), variant, replicate, {**extra, **grid.variants[variant]},
+            runs.append(PlannedRun(run_name(variant, replicate), variant, replicate,
+                                   {**grid.overrides, **extra, **grid.variants[variant]},
                                    None if own else run_name(grid.reference, replicate)))
     return runs
 
@@ -179,12 +188,13 @@ def run_grid(grid: Grid, runs_dir: Path, name: str, report_only: bool = False, o
         interrupted = RunLayout(incomplete_run(layout.root, run.name)).series_progress.is_file()  # started: resume it
         run_series(grid.profile, layout.root, run.name, overrides, reuse_from=reuse, resume=interrupted)
     reference = layout.variant(grid.reference).root
-    parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()), "overrides": grid.variants[grid.reference],
+    parameters = {"profile": grid.profile, "run_dir": str(reference.resolve()),
+                  "overrides": {**grid.overrides, **grid.variants[grid.reference]},
                   "grid_dir": str(layout.root.resolve()), "grid_reference": grid.reference}
     seconds = execute(NOTEBOOKS_DIR / REPORT_NOTEBOOK, layout.report_notebook, parameters)
     render_report(layout.report_notebook, layout.report_html)
     manifest = {
-        "grid": {"profile": grid.profile, "reference": grid.reference, "variants": grid.variants,
+        "grid": {"profile": grid.profile, "overrides": grid.overrides, "reference": grid.reference, "variants": grid.variants,
                  "replicates": {k: dataclasses.asdict(v) for k, v in grid.replicates.items()}},
         "runs": {run.name: str(layout.variant(run.name).manifest.relative_to(layout.root))
                  for run in plan_runs(grid) if layout.variant(run.name).manifest.is_file()},

@@ -27,6 +27,7 @@ def test_shipped_grids_validate():
     assert grid.reference == "full_recipe" and grid.variants["full_recipe"] == {}
     assert {"gamma_0", "gamma_1", "gamma_2", "no_mixing", "no_matryoshka", "no_stage1", "last_token_pooling"} <= set(grid.variants)
     assert grid.replicates["curation_seed_2"].overrides == {"data.sample_seed": 2}
+    assert grid.overrides == {"threads": 1}  # two grid processes side by side on the 2 cores
     assert "causal_attention" in load_grid(GRIDS_DIR / "gpu-ablations.yaml").variants
     for path in sorted((GRIDS_DIR).glob("*.yaml")):  # every override names a real field
         shipped = load_grid(path)
@@ -123,6 +124,22 @@ def test_replicates_plan_their_own_reference_and_reuse_it(tmp_path):
         ("full", None, {}), ("g0", "full", {"finetune.focal_gamma": 0.0}), ("nos1", None, {"pretrain.enabled": False}),
         ("full@cs2", None, {"data.sample_seed": 2}), ("g0@cs2", "full@cs2", {"data.sample_seed": 2, "finetune.focal_gamma": 0.0}),
     ]
+
+
+def test_grid_overrides_apply_to_every_run_and_variants_win(tmp_path):
+    grid = write_grid(tmp_path, "profile: tiny\noverrides: {threads: 1, finetune.focal_gamma: 1.0}\nreference: full\n"
+                                "variants: {full: {}, g0: {finetune.focal_gamma: 0.0}}\n"
+                                "replicates: {cs2: {overrides: {data.sample_seed: 2}, variants: [full]}}\n")
+    plan = {r.name: (r.reuse_from, r.overrides) for r in plan_runs(grid)}
+    assert plan == {
+        "full": (None, {"threads": 1, "finetune.focal_gamma": 1.0}),
+        "g0": ("full", {"threads": 1, "finetune.focal_gamma": 0.0}),
+        "full@cs2": (None, {"threads": 1, "finetune.focal_gamma": 1.0, "data.sample_seed": 2}),
+    }
+    with pytest.raises(ConfigError, match="'overrides' must be a mapping"):
+        write_grid(tmp_path, "profile: tiny\noverrides: [threads]\nreference: full\nvariants: {full: {}}\n")
+    with pytest.raises(ConfigError, match="thread"):
+        write_grid(tmp_path, "profile: tiny\noverrides: {thread: 1}\nreference: full\nvariants: {full: {}}\n")
 
 
 def test_only_runs_the_named_runs_in_order_after_their_upstream(tmp_path):
