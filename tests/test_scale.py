@@ -54,6 +54,26 @@ def test_stream_keeps_the_limit_across_batches_and_checks_columns(tmp_path):
         next(hub_batches(card, data_files=wrong))
 
 
+def test_local_stream_memory_does_not_grow_with_the_number_of_files(tmp_path):
+    """Arrow memory held while streaming 12 files is that of streaming 2 (no read-ahead of files)."""
+    rng = np.random.default_rng(0)
+    rows = 5_000
+    files = []
+    for index in range(12):
+        column = pa.array(["".join(rng.choice(list("abcdefgh"), 60)) for _ in range(rows)])
+        files.append(tmp_path / f"{index:05d}.parquet")
+        pq.write_table(pa.table({"question": column, "answer": column}), files[-1])
+
+    def peak_bytes(paths) -> int:
+        peak = 0
+        for table in hub_batches(PAPER["hub_gooaq"], data_files=paths, batch_rows=rows):
+            peak = max(peak, pa.total_allocated_bytes())
+            del table
+        return peak
+
+    assert peak_bytes(files) <= 1.5 * peak_bytes(files[:2])
+
+
 def test_hub_stream_asks_load_dataset_for_a_stream(monkeypatch):
     calls = []
 
