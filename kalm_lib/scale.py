@@ -77,15 +77,20 @@ def normalise_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def example_table(table: pa.Table) -> pa.Table:
     """Example rows of a hub source table (fields ``query``, ``positive``, optional ``negative``):
-    :func:`~kalm_lib.builders.hub_pairs`, in Arrow."""
+    :func:`~kalm_lib.builders.hub_pairs`, in Arrow kernels only (no Python object per row, whose
+    freed memory the allocator need not give back between shards)."""
+    rows = table.num_rows
     query, positive = normalise_column(table["query"]), normalise_column(table["positive"])
     if "negative" in table.column_names:
-        negatives = [[n] for n in normalise_column(table["negative"]).to_pylist()]
+        negatives = pa.ListArray.from_arrays(pa.array(range(rows + 1), pa.int32()), normalise_column(table["negative"]).combine_chunks())
     else:
-        negatives = [[] for _ in range(table.num_rows)]
-    words = [[] for _ in range(table.num_rows)]
-    return pa.table([query, positive, pa.array(negatives, pa.list_(pa.string())), pa.array(words, pa.list_(pa.string()))],
-                    schema=EXAMPLE_SCHEMA)
+        negatives = _empty_lists(rows)
+    return pa.Table.from_arrays([query, positive, negatives, _empty_lists(rows)], schema=EXAMPLE_SCHEMA)
+
+
+def _empty_lists(rows: int) -> pa.ListArray:
+    """``rows`` empty string lists."""
+    return pa.ListArray.from_arrays(pa.array([0] * (rows + 1), pa.int32()), pa.array([], pa.string()))
 
 
 def write_source_shards(card: DataCard, folder: Path, shard_rows: int, data_files: DataFiles | None = None) -> int:

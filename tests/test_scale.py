@@ -3,6 +3,7 @@ normalisation equal to the in-memory one, datatrove near-dedup equal in effect t
 and the streamed curation of hub sets to Parquet shards (filters, decontamination, counts)."""
 
 import dataclasses
+import gc
 
 import datasets
 import numpy as np
@@ -13,12 +14,13 @@ import pytest
 from datasketch import MinHash
 
 from kalm_lib.batching import make_batch, negatives_per_query
+from kalm_lib.builders import hub_pairs
 from kalm_lib.config import load_profile
 from kalm_lib.curation import curate, load_train_sets, near_dedup, normalise, write_curated
 from kalm_lib.data_cards import DataCardError, load_cards
-from kalm_lib.dedup import NUM_PERM, CharShingleSignature, lsh_bands, minhash_config, parquet_files, shingles
+from kalm_lib.dedup import EXAMPLE_SCHEMA, NUM_PERM, CharShingleSignature, lsh_bands, minhash_config, parquet_files, shingles
 from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RunLayout
-from kalm_lib.scale import StreamSettings, curate_stream, curate_streamed_sets, normalise_column, streamed_sets
+from kalm_lib.scale import StreamSettings, curate_stream, curate_streamed_sets, example_table, normalise_column, streamed_sets
 from kalm_lib.shards import ShardRows
 from kalm_lib.sources import hub_batches, load_source
 
@@ -64,12 +66,13 @@ def test_local_stream_memory_does_not_grow_with_the_number_of_files(tmp_path):
         files.append(tmp_path / f"{index:05d}.parquet")
         pq.write_table(pa.table({"question": column, "answer": column}), files[-1])
 
-    def peak_bytes(paths) -> int:
-        peak = 0
+    def peak_bytes(paths) -> int:  # Arrow bytes held while streaming, above those held before
+        gc.collect()
+        start = peak = pa.total_allocated_bytes()
         for table in hub_batches(PAPER["hub_gooaq"], data_files=paths, batch_rows=rows):
             peak = max(peak, pa.total_allocated_bytes())
             del table
-        return peak
+        return peak - start
 
     assert peak_bytes(files) <= 1.5 * peak_bytes(files[:2])
 
@@ -90,6 +93,19 @@ def test_hub_stream_asks_load_dataset_for_a_stream(monkeypatch):
 def test_arrow_normalisation_equals_the_python_one():
     texts = ["  ﬁne\u00a0 print\n\tcase ", "a\u2028b\x1cc\x85d", "\u3000x\u2003 y\u200b", "Ⅻ  ㎏", "plain"]
     assert normalise_column(pa.chunked_array([texts])).to_pylist() == [normalise(t) for t in texts]
+
+
+@pytest.mark.parametrize("name", ["hub_msmarco_triplets", "hub_gooaq"])
+def test_arrow_example_rows_equal_the_hub_pairs_builder(name):
+    """With and without a negative column: the rows the stream writes are the in-memory builder's."""
+    card = PAPER[name]
+    table = pa.concat_tables(hub_batches(card, data_files=fixture(name)))
+    expected = hub_pairs({name: load_source(card, data_files=fixture(name))}, name)
+    expected = expected.assign(query=expected["query"].map(normalise), positive=expected["positive"].map(normalise),
+                               negatives=expected["negatives"].map(lambda negs: [normalise(n) for n in negs]))
+    rows = example_table(table)
+    assert rows.schema == EXAMPLE_SCHEMA
+    assert rows.to_pylist() == expected[["query", "positive", "negatives", "words"]].to_dict("records")
 
 
 def test_datatrove_signatures_are_the_datasketch_minhash_bands(tmp_path):
