@@ -269,6 +269,18 @@ def seed_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def per_replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """:func:`seed_deltas` within each replicate alone (column ``replicate``; "" for the grid's
+    own runs): a variant against the reference of the same curation, t interval over its stage-2
+    seeds. These intervals leave out the curation-to-curation variance that :func:`seed_deltas`
+    carries across replicates; they show whether an effect points the same way in each curation."""
+    if "replicate" not in table:
+        table = table.assign(replicate="")
+    parts = [seed_deltas(group, reference).assign(replicate=replicate)
+             for replicate, group in table.groupby("replicate", sort=True) if (group["variant"] == reference).any()]
+    return pd.concat(parts, ignore_index=True)[["replicate", *parts[0].columns.drop("replicate")]]
+
+
 def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per replicate and task: the reference recipe under the replicate's overrides against the
     reference itself, paired by stage-2 seed (how much e.g. another curation seed moves a score)."""

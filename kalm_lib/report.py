@@ -156,3 +156,13 @@ def plot_deltas(deltas: pd.DataFrame, reference: str) -> plt.Figure:
     axis.set(xlabel=f"change of average main score vs {reference} (single checkpoints, 95% CI over seeds)")
     fig.tight_layout()
     return fig
+
+
+def per_curation_table(deltas: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """:func:`~kalm_lib.ablations.per_replicate_deltas` as text, one row per variant and curation
+    ("base" for the grid's own runs), one column per task: ``delta [low, high]`` (t over seeds)."""
+    rows = deltas[deltas["variant"] != reference].assign(
+        curation=lambda d: d["replicate"].replace("", "base"),
+        cell=lambda d: [f"{m:+.4f} [{m - h:+.4f}, {m + h:+.4f}]" for m, h in zip(d["delta_vs_reference"], d["delta_ci95"])],
+    )
+    return rows.pivot(index=["variant", "curation"], columns="task", values="cell")

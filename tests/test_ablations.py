@@ -11,6 +11,7 @@ from kalm_lib.ablations import (
     load_grid,
     mean_ci,
     needs_own_upstream,
+    per_replicate_deltas,
     plan_runs,
     replicate_deltas,
     seed_deltas,
@@ -20,6 +21,7 @@ from kalm_lib.ablations import (
 from kalm_lib.config import ConfigError
 from kalm_lib.layout import GRIDS_DIR, RunLayout
 from kalm_lib.outputs import write_output
+from kalm_lib.report import per_curation_table
 
 
 def test_shipped_grids_validate():
@@ -184,6 +186,13 @@ def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_
     assert deltas.loc[("g0", "A"), "units"] == 2 and deltas.loc[("g0", "A"), "replicates"] == 2
     assert deltas.loc[("g0", "A"), "delta_vs_reference"] == pytest.approx(expected_mean)
     assert deltas.loc[("g0", "A"), "delta_ci95"] == pytest.approx(expected_half)
+    within = per_replicate_deltas(table, "full").set_index(["replicate", "variant", "task"])
+    for replicate, differences in (("", [-0.02, -0.01]), ("cs2", [-0.04, 0.00])):  # seed-paired, one curation each
+        mean, half = mean_ci(np.array(differences))
+        assert within.loc[(replicate, "g0", "A"), ["delta_vs_reference", "delta_ci95"]].tolist() == pytest.approx([mean, half])
+        assert within.loc[(replicate, "g0", "A"), "units"] == 2 and within.loc[(replicate, "g0", "A"), "replicates"] == 1
+    text = per_curation_table(per_replicate_deltas(table, "full"), "full")
+    assert text.loc[("g0", "cs2"), "A"] == "-0.0200 [-0.2741, +0.2341]" and list(text.index) == [("g0", "base"), ("g0", "cs2")]
     curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
     assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
     assert curation.loc[("cs2", "A"), "units"] == 2
