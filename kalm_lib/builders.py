@@ -27,7 +27,7 @@ import hashlib
 import itertools
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,17 +131,29 @@ def _has_form(tokens: list[str], forms: frozenset[str]) -> bool:
     return False
 
 
+def _has_parts(tokens: set[str], parts: Sequence[str]) -> bool:
+    """True if ``parts`` are several word tokens and each of them, or a plain inflection of it
+    (:func:`_inflected`), is one of ``tokens``: a multi-word answer given away in pieces ("between
+    yellow and brown" for "yellow-brown", "a pointed beard ... by Vandyke" for "vandyke beard")."""
+    return len(parts) > 1 and all(part in tokens or not tokens.isdisjoint(_inflected(part)) for part in parts)
+
+
 def contains_answer(text: str, word: str) -> bool:
     """True if ``text`` contains ``word`` or an inflection of it (:func:`answer_forms`) as whole
-    tokens, casefolded, in any spelling."""
-    return _has_form(word_tokens(text), answer_forms(word))
+    tokens, casefolded, in any spelling; or, for a word of several tokens, each of its tokens
+    anywhere (:func:`_has_parts`)."""
+    tokens = word_tokens(text)
+    return _has_form(tokens, answer_forms(word)) or _has_parts(set(tokens), word_tokens(word))
 
 
 def answer_free(frame: pd.DataFrame, text_column: str, word_column: str = "word") -> pd.DataFrame:
     """Rows of ``frame`` whose text does not contain its own word (:func:`contains_answer`)."""
     words = frame[word_column].tolist()
-    forms = {word: answer_forms(word) for word in set(words)}
-    leaks = [_has_form(word_tokens(text), forms[word]) for text, word in zip(frame[text_column].tolist(), words)]
+    forms = {word: (answer_forms(word), word_tokens(word)) for word in set(words)}
+    leaks = []
+    for text, word in zip(frame[text_column].tolist(), words):
+        tokens, (closed, parts) = word_tokens(text), forms[word]
+        leaks.append(_has_form(tokens, closed) or _has_parts(set(tokens), parts))
     return frame[~np.array(leaks, dtype=bool)]
 
 

@@ -73,6 +73,11 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("Of or pertaining to psychiatry.", "psychiatric", False),  # a word sharing its stem is kept
         ("That flatters (in the various senses of the verb).", "flattering", False),
         ("A dicey cream.", "ice cream", False),  # whole tokens only
+        ("Having a color intermediate between yellow and brown.", "yellow-brown", True),  # every part, apart
+        ("A trim, pointed beard, such as those often seen in pictures by Vandyke.", "vandyke beard", True),
+        ("Struck with a panic; as, the panic-stricken crowd.", "panic-struck", True),
+        ("Malthus' theories. See Malthusian.", "malthusian theory", True),  # parts inflected too
+        ("A trim, pointed beard.", "vandyke beard", False),  # one part is not the answer
     ],
 )
 def test_answer_rule(text, word, leaks):

@@ -65,7 +65,25 @@ def contains_answer(text: str, word: str) -> bool:
     if word.isalnum():  # fast path: a token of the text is the word or the word plus a suffix
         tokens = set(re.findall(r"[^\W_]+", text.casefold()))
         return any(word.casefold() + suffix in tokens for suffix in ("", "s", "es", "d", "ed", "ing", "er", "est", "ly"))
-    return answer_pattern(word).search(text.casefold()) is not None
+    return answer_pattern(word).search(text.casefold()) is not None or all_parts_present(text, word)
+
+
+def all_parts_present(text: str, word: str) -> bool:
+    """A multi-word answer given away in pieces: each part of the word (or the part plus a plain
+    suffix, or the part's stem before a final e / y) is a token of the text."""
+    tokens = set(re.findall(r"[^\W_]+", text.casefold()))
+    parts = re.findall(r"[^\W_]+", word.casefold())
+    suffixes = ("", "s", "es", "d", "ed", "ing", "er", "est", "ly")
+
+    def forms(part: str) -> set[str]:
+        stems = {part + x for x in suffixes}
+        if part.endswith("e"):  # dance -> dancing
+            stems |= {part[:-1] + x for x in ("ing", "ed", "er", "est", "es")}
+        if part.endswith("y"):  # theory -> theories
+            stems |= {part[:-1] + "i" + x for x in ("es", "ed", "er", "est", "ly")}
+        return stems
+
+    return len(parts) > 1 and all(not tokens.isdisjoint(forms(p)) for p in parts)
 
 
 def write_cards(folder, cards: dict[str, str]) -> None:
