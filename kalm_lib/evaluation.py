@@ -17,6 +17,7 @@ they run through the same mteb path: :class:`TruncatedEncoder` (Matryoshka prefi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import warnings
@@ -406,6 +407,37 @@ def compress_embeddings(embeddings: np.ndarray, scheme: Quantization) -> np.ndar
     if scheme == "binary":
         return l2_normalize(binarize(embeddings).astype(np.float32))
     raise ValueError(f"unknown quantization {scheme!r}; expected one of {QUANTIZATIONS}")
+
+
+class EmbeddingCache:
+    """``encoder`` whose embeddings are kept per ``encode`` call (keyed by the SHA-256 of the call's
+    texts), so the compressed variants of one model (:class:`TruncatedEncoder`,
+    :class:`QuantizedEncoder`) reuse the full-precision embeddings of the same call instead of
+    encoding the task again: the same texts in the same batches, so the same numbers. Holds every
+    call until :meth:`clear`; evaluate one task at a time and clear after it to bound memory by
+    that task's embeddings."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+        self.calls: dict[str, np.ndarray] = {}
+        self.hits = 0
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """The embeddings of ``texts`` (encoded on the first call with these texts, then reused)."""
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(text.encode())
+            digest.update(b"\x00")
+        key = f"{len(texts)}:{digest.hexdigest()}"
+        if key in self.calls:
+            self.hits += 1
+        else:
+            self.calls[key] = np.asarray(self.encoder.encode(texts, batch_size=batch_size), dtype=np.float32)
+        return self.calls[key].copy()
+
+    def clear(self) -> None:
+        """Forget every kept embedding."""
+        self.calls.clear()
 
 
 class TruncatedEncoder:

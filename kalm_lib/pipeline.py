@@ -15,20 +15,23 @@ Notebook 06 reads them back through :mod:`kalm_lib.report`.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
+from mteb import AbsTask
 
 from .bidirectional import first_token_sensitivity
 from .builders import word_key
-from .config import ConfigError, ModelConfig, Profile, TrainConfig, load_profile
+from .config import ConfigError, EvalConfig, ModelConfig, Profile, TrainConfig, load_profile
 from .curation import curate, load_train_sets, sample_seed, task_texts, write_curated
 from .data_cards import DataCardError, load_cards
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
-from .evaluation import QuantizedEncoder, TruncatedEncoder, concat_per_item, evaluate_model
+from .evaluation import EmbeddingCache, QuantizedEncoder, TextEncoder, TruncatedEncoder, concat_per_item, evaluate_model
 from .hub import run_prompts, write_model_card
 from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, StageLayout, soup_label, stage2_label
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
@@ -280,6 +283,22 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     return models
 
 
+def final_model_runs(label: str, encoder: TextEncoder, tasks: list[AbsTask],
+                     cfg: EvalConfig) -> Iterator[tuple[str, TextEncoder, bool, list[AbsTask]]]:
+    """(name, encoder, instructed, tasks) evaluations of the final model: at full precision, then
+    Matryoshka-truncated (``label@dimN``) and quantised (``label@int8``, ``label@binary``), one task
+    at a time. All of one task's evaluations share one :class:`EmbeddingCache`, so the task is
+    encoded once, not once per compressed form; the cache is emptied before the next task."""
+    cache = EmbeddingCache(encoder)
+    variants: dict[str, TextEncoder] = {label: cache}
+    variants |= {f"{label}@dim{d}": TruncatedEncoder(cache, d) for d in cfg.matryoshka_dims}
+    variants |= {f"{label}@{q}": QuantizedEncoder(cache, q) for q in cfg.quantizations}
+    for task in tasks:
+        for name, model in variants.items():
+            yield name, model, True, [task]
+        cache.clear()
+
+
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings,
     and its folder gets a model card with its scores (:func:`kalm_lib.hub.write_model_card`).
@@ -288,25 +307,25 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     The base model is scored twice: with the KaLM instructions (``base``, as every trained stage) and
     without (``base_no_instruction``, the inputs it was trained on). Per-query and per-pair values of
     every model go to ``RunLayout.per_item_scores`` (``model`` = the stage label) for
-    :mod:`kalm_lib.bootstrap`.
+    :mod:`kalm_lib.bootstrap`. The final model's compressed forms reuse its full-precision
+    embeddings task by task (:func:`final_model_runs`): on the paper's benchmarks that is one
+    encoding of each task instead of seven.
     """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
     tasks += evaluated_standard_tasks(profile.evaluation)
     frames, items = [], []
     models = evaluated_models(profile, run_dir)
+    final = list(models)[-1]
     for label, path in models.items():
         if path is None:
             torch.manual_seed(profile.seed)  # the same base weights stage 1 started from
         encoder = load_encoder(profile.model) if path is None else encoder_from_checkpoint(path, profile.model)
-        variants = {label: (encoder, True)}
+        runs = final_model_runs(label, encoder, tasks, profile.evaluation) if label == final else iter([(label, encoder, True, tasks)])
         if path is None:
-            variants[BASE_NO_INSTRUCTION] = (encoder, False)
-        if label == list(models)[-1]:
-            variants.update({f"{label}@dim{d}": (TruncatedEncoder(encoder, d), True) for d in profile.evaluation.matryoshka_dims})
-            variants.update({f"{label}@{q}": (QuantizedEncoder(encoder, q), True) for q in profile.evaluation.quantizations})
-        for name, (model, instructed) in variants.items():
-            result = evaluate_model(model, tasks, layout.mteb, f"{profile.name}-{name}", profile.evaluation.batch_size,
+            runs = itertools.chain(runs, [(BASE_NO_INSTRUCTION, encoder, False, tasks)])
+        for name, model, instructed, on in runs:
+            result = evaluate_model(model, on, layout.mteb, f"{profile.name}-{name}", profile.evaluation.batch_size,
                                     instructed=instructed, per_item=True)
             frames.append(result.scores.assign(stage=name))
             items.append(result.per_item.assign(model=name))
@@ -315,7 +334,6 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     write_output(concat_per_item(items), layout.per_item_scores)
     if profile.evaluation.benchmarks:
         write_output(stage_benchmark_means(layout.mteb, profile.evaluation.benchmarks, scores), layout.benchmark_means)
-    final, folder = list(models.items())[-1]
-    if folder is not None:
-        write_model_card(profile, run_dir, final, folder)
+    if models[final] is not None:
+        write_model_card(profile, run_dir, final, models[final])
     return scores

@@ -15,6 +15,7 @@ import shutil
 import socket
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
 
 from kalm_lib.bootstrap import cosine_average_precision, paired_comparisons, read_per_item
 from kalm_lib.config import ConfigError, Profile, load_profile
-from kalm_lib.encoder import encoder_from_checkpoint, load_encoder
+from kalm_lib.encoder import Encoder, encoder_from_checkpoint, load_encoder
 from kalm_lib.evaluation import (
     PER_ITEM_COLUMNS,
     TIDY_COLUMNS,
@@ -674,6 +675,28 @@ def test_run_evaluation_scores_identical_weights_identically(hand_built_run: tup
     card = ModelCard.load(RunLayout(run).soup("uniform") / MODEL_CARD)  # the final model's card
     main = by_stage[TWINS[2]][by_stage[TWINS[2]]["is_main"]]
     assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == dict(zip(main["task"], main["score"]))
+
+
+def test_compressed_forms_of_the_final_model_reuse_its_embeddings(hand_built_run: tuple[Profile, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matryoshka and quantised scores of the final model equal evaluating those encoders on their
+    own, and cost no encoding beyond the full-precision pass (each task is encoded once)."""
+    profile, run = hand_built_run
+    encoded: list[int] = []
+    real_encode = Encoder.encode
+    monkeypatch.setattr(Encoder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts)) or real_encode(self, texts, *a, **k))
+    run_evaluation(profile, run)
+    plain = sum(encoded)
+    encoded.clear()
+    compressed = replace(profile, evaluation=replace(profile.evaluation, matryoshka_dims=[16], quantizations=["int8", "binary"]))
+    scores = run_evaluation(compressed, run)
+    assert sum(encoded) == plain  # no task encoded again for @dim16, @int8, @binary
+    final = encoder_from_checkpoint(RunLayout(run).soup("uniform"), profile.model)
+    tasks = build_local_tasks(RunLayout(run).eval_payloads("test"), profile.evaluation.local_tasks)
+    for label, alone in {"soup_uniform@dim16": TruncatedEncoder(final, 16), "soup_uniform@int8": QuantizedEncoder(final, "int8"),
+                         "soup_uniform@binary": QuantizedEncoder(final, "binary")}.items():
+        direct = evaluate_model(alone, tasks, run / "direct", f"direct-{label}", profile.evaluation.batch_size)
+        assert differing_scores(scores[scores["stage"] == label], direct.scores) == {}, label
 
 
 def test_validation_score_is_paired(hand_built_run: tuple[Profile, Path]) -> None:
