@@ -186,19 +186,23 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _findings(args: argparse.Namespace) -> int:
-    """``findings`` subcommand: the grid's findings (if any), then the run's, as Markdown."""
+    """``findings`` subcommand: the grid's findings (if any), then the run's, then the run's main
+    scores per model and task, as Markdown."""
     import pandas as pd
 
     from .ablations import collect
-    from .findings import findings_markdown, grid_findings, run_findings
+    from .findings import findings_markdown, grid_findings, run_findings, scores_markdown
+    from .report import main_scores
 
     try:
         tables = [grid_findings(collect(args.grid_dir), args.reference)] if args.grid_dir else []
         tables.append(run_findings(args.run_dir))
+        scores = main_scores(args.run_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(findings_markdown(pd.concat(tables, ignore_index=True)), end="")
+    print(findings_markdown(pd.concat(tables, ignore_index=True)))
+    print(scores_markdown(scores), end="")
     return 0
 
 

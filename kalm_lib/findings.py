@@ -132,3 +132,10 @@ def findings_markdown(findings: pd.DataFrame, digits: int = 4) -> str:
         effect = f"**{row.effect:+.{digits}f}**" if measurable else f"{row.effect:+.{digits}f}"
         lines.append(f"| {row.finding} | {row.task} | {effect} | {span} | {row.n} | {row.interval} |")
     return "\n".join(lines) + "\n"
+
+
+def scores_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A stage x task score table (:func:`kalm_lib.report.main_scores`) as a Markdown table."""
+    lines = ["| model | " + " | ".join(table.columns) + " |", "| --- |" + " --- |" * len(table.columns)]
+    lines += [f"| {label} | " + " | ".join(f"{value:.{digits}f}" for value in row) + " |" for label, row in table.iterrows()]
+    return "\n".join(lines) + "\n"

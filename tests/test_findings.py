@@ -60,6 +60,15 @@ def test_markdown_table_bolds_measurable_effects_only():
     assert lines[4] == "| d vs b | T | +0.0200 | – | 1 | single |"
 
 
+def test_scores_table_as_markdown():
+    from kalm_lib.findings import scores_markdown
+
+    table = pd.DataFrame({"T1": [0.5, 0.25], "average": [0.5, 0.125]}, index=pd.Index(["base", "stage1"], name="stage"))
+    assert scores_markdown(table).splitlines() == [
+        "| model | T1 | average |", "| --- | --- | --- |", "| base | 0.5000 | 0.5000 |", "| stage1 | 0.2500 | 0.1250 |",
+    ]
+
+
 def test_findings_command_reports_a_missing_run(tmp_path, capsys):
     from kalm_lib.__main__ import main
 
