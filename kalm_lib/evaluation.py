@@ -420,7 +420,6 @@ class EmbeddingCache:
     def __init__(self, encoder: TextEncoder) -> None:
         self.encoder = encoder
         self.calls: dict[str, np.ndarray] = {}
-        self.hits = 0
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """The embeddings of ``texts`` (encoded on the first call with these texts, then reused)."""
@@ -429,9 +428,7 @@ class EmbeddingCache:
             digest.update(text.encode())
             digest.update(b"\x00")
         key = f"{len(texts)}:{digest.hexdigest()}"
-        if key in self.calls:
-            self.hits += 1
-        else:
+        if key not in self.calls:
             self.calls[key] = np.asarray(self.encoder.encode(texts, batch_size=batch_size), dtype=np.float32)
         return self.calls[key].copy()
 
