@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ def example_table(table: pa.Table) -> pa.Table:
     rows = table.num_rows
     query, positive = normalise_column(table["query"]), normalise_column(table["positive"])
     if "negative" in table.column_names:
-        negatives = pa.ListArray.from_arrays(pa.array(range(rows + 1), pa.int32()), normalise_column(table["negative"]).combine_chunks())
+        negatives = pa.ListArray.from_arrays(np.arange(rows + 1, dtype=np.int32), normalise_column(table["negative"]).combine_chunks())
     else:
         negatives = _empty_lists(rows)
     return pa.Table.from_arrays([query, positive, negatives, _empty_lists(rows)], schema=EXAMPLE_SCHEMA)
@@ -90,7 +91,7 @@ def example_table(table: pa.Table) -> pa.Table:
 
 def _empty_lists(rows: int) -> pa.ListArray:
     """``rows`` empty string lists."""
-    return pa.ListArray.from_arrays(pa.array([0] * (rows + 1), pa.int32()), pa.array([], pa.string()))
+    return pa.ListArray.from_arrays(np.zeros(rows + 1, dtype=np.int32), pa.array([], pa.string()))
 
 
 def write_source_shards(card: DataCard, folder: Path, shard_rows: int, data_files: DataFiles | None = None) -> int:
