@@ -138,22 +138,24 @@ def _has_parts(tokens: set[str], parts: Sequence[str]) -> bool:
     return len(parts) > 1 and all(part in tokens or not tokens.isdisjoint(_inflected(part)) for part in parts)
 
 
+def _gives_away(tokens: list[str], forms: frozenset[str], parts: Sequence[str]) -> bool:
+    """True if a text's ``tokens`` hold one of a word's closed ``forms`` (:func:`_has_form`) or
+    all of its ``parts`` (:func:`_has_parts`)."""
+    return _has_form(tokens, forms) or _has_parts(set(tokens), parts)
+
+
 def contains_answer(text: str, word: str) -> bool:
     """True if ``text`` contains ``word`` or an inflection of it (:func:`answer_forms`) as whole
     tokens, casefolded, in any spelling; or, for a word of several tokens, each of its tokens
     anywhere (:func:`_has_parts`)."""
-    tokens = word_tokens(text)
-    return _has_form(tokens, answer_forms(word)) or _has_parts(set(tokens), word_tokens(word))
+    return _gives_away(word_tokens(text), answer_forms(word), word_tokens(word))
 
 
 def answer_free(frame: pd.DataFrame, text_column: str, word_column: str = "word") -> pd.DataFrame:
     """Rows of ``frame`` whose text does not contain its own word (:func:`contains_answer`)."""
     words = frame[word_column].tolist()
     forms = {word: (answer_forms(word), word_tokens(word)) for word in set(words)}
-    leaks = []
-    for text, word in zip(frame[text_column].tolist(), words):
-        tokens, (closed, parts) = word_tokens(text), forms[word]
-        leaks.append(_has_form(tokens, closed) or _has_parts(set(tokens), parts))
+    leaks = [_gives_away(word_tokens(text), *forms[word]) for text, word in zip(frame[text_column].tolist(), words)]
     return frame[~np.array(leaks, dtype=bool)]
 
 
