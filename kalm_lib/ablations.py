@@ -238,8 +238,6 @@ def _singles(table: pd.DataFrame) -> pd.DataFrame:
     """Single stage-2 checkpoints (columns variant, replicate, seed, task, score), plus their task
     average as task ``average``."""
     singles = table.dropna(subset=["seed"])
-    if "replicate" not in singles:
-        singles = singles.assign(replicate="")
     keys = ["variant", "replicate", "seed"]
     averaged = singles.groupby(keys)["score"].mean().reset_index().assign(task="average")
     return pd.concat([singles[[*keys, "task", "score"]], averaged], ignore_index=True)
@@ -274,8 +272,6 @@ def per_replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     own runs): a variant against the reference of the same curation, t interval over its stage-2
     seeds. These intervals leave out the curation-to-curation variance that :func:`seed_deltas`
     carries across replicates; they show whether an effect points the same way in each curation."""
-    if "replicate" not in table:
-        table = table.assign(replicate="")
     parts = [seed_deltas(group, reference).assign(replicate=replicate)
              for replicate, group in table.groupby("replicate", sort=True) if (group["variant"] == reference).any()]
     return pd.concat(parts, ignore_index=True)[["replicate", *parts[0].columns.drop("replicate")]]
@@ -299,8 +295,6 @@ def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:
     """Per variant, replicate and task: each soup's score against the best single stage-2 checkpoint."""
-    if "replicate" not in table:
-        table = table.assign(replicate="")
     rows = []
     for (variant, replicate, task), group in table.groupby(["variant", "replicate", "task"]):
         singles = group[group["seed"].notna()]["score"]

@@ -34,7 +34,7 @@ def test_stage2_vs_stage1_is_paired_by_seed():
 def test_grid_findings_pair_variants_with_the_reference_by_seed():
     # The variant's rows come in another seed order: pairing must follow the seed, not the position.
     table = pd.DataFrame({
-        "variant": ["ref"] * 3 + ["v"] * 3,
+        "variant": ["ref"] * 3 + ["v"] * 3, "replicate": [""] * 6,  # collect()'s columns: one curation
         "model": ["stage2_seed0", "stage2_seed1", "stage2_seed2", "stage2_seed2", "stage2_seed0", "stage2_seed1"],
         "seed": pd.array([0, 1, 2, 2, 0, 1], dtype="Int64"), "task": ["A"] * 6,
         "score": [0.50, 0.60, 0.70, 0.678, 0.482, 0.58],
