@@ -12,9 +12,12 @@ same contract):
 * one word, every spelling: :func:`word_key` identifies a word across GCIDE and WordNet regardless
   of case, Unicode form, hyphens, underscores and spaces; the held-out split hashes that key.
 * no answer in the question: a definition or gloss that contains its own word (or a plain
-  inflection of it, :func:`answer_forms`) is dropped.
+  inflection of it, :func:`answer_forms`), a word its word inflects ("quiet" for *quietness*),
+  every part of a multi-word word or the pieces of a closed compound ("beech" and "nut" for
+  *beechnut*) is dropped (:func:`contains_answer`).
 * GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
-  markup, and cross-references ("See X", "Same as X", "imp. & p. p. of X", ...), are dropped.
+  markup, cross-references ("See X", "Same as X", "imp. & p. p. of X", ...) or hold a pointer
+  anywhere ("... See Marque." for *mark*) are dropped.
 
 These rules clean the sources once (:data:`SOURCE_CLEANERS`, applied by the curation when it loads
 them), so every builder, training and evaluation alike, reads answer-free, cross-reference-free
@@ -23,6 +26,7 @@ definitions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -61,6 +65,9 @@ _CROSS_REFERENCE = re.compile(
     r"|of\ [^\W\d_][\w'-]*(?:,\ [^;]*)?\.?$)",
     re.IGNORECASE,
 )
+# A pointer anywhere in a definition ("A license of reprisals. See Marque." for *mark*, "To gride. See
+# Gride." for *gryde*, "... Cf. Helix."): the target is often the answer in another spelling.
+_POINTER = re.compile(r"(?:^|[.;:(]\s*|--\s*)(?:see|cf\.|same\ as)\s", re.IGNORECASE)
 # Headwords that are parser debris ("a a* (, n. the state of ...", "newtonnew\"ton (n, ...") or
 # alternations ("tracer/y", "adder fly/"): markup characters, or a slash next to a letter.
 _MARKUP_WORD = re.compile(r"[\[\](){}*\"`\\<>]|[^\W\d_]/|/(?:[^\W\d_]|$)")
@@ -106,6 +113,30 @@ def _inflected(stem: str) -> set[str]:
     return forms
 
 
+def _stems(word: str) -> frozenset[str]:
+    """The words ``word`` is an inflection of (:func:`_inflected`; stems of at least 3 letters):
+    "quietness" -> {"quiet"}, "sloppiness" -> {"sloppy"}, "biter" -> {"bit", "bite"}."""
+    candidates = set()
+    for suffix in _INFLECTIONS:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 2:
+            base = word[: -len(suffix)]
+            candidates |= {base, base + "e", base[:-1], base[:-1] + "y"}
+    return frozenset(stem for stem in candidates if len(stem) >= 3 and word in _inflected(stem))
+
+
+def _glued(tokens: set[str], word: str) -> bool:
+    """True if ``word`` is two or more of ``tokens`` (3 letters or more each) written together, in
+    any order: a closed compound given away in pieces ("The nut of the beech tree" for *beechnut*,
+    "The hide or skin of a calf" for *calfskin*)."""
+    pieces = {token for token in tokens if len(token) >= 3 and token in word}
+    reach = {0: 0}  # end of a prefix of ``word`` -> most pieces that spell it
+    for end in range(3, len(word) + 1):
+        counts = [reach[end - len(p)] + 1 for p in pieces if end - len(p) in reach and word.startswith(p, end - len(p))]
+        if counts:
+            reach[end] = max(counts)
+    return reach.get(len(word), 0) >= 2
+
+
 def answer_forms(word: str) -> frozenset[str]:
     """Closed forms that give ``word`` away: its tokens written together ("ice cream" ->
     "icecream"), also with an inflection of the last token ("icecreams", "flatteringly", "goes").
@@ -131,31 +162,51 @@ def _has_form(tokens: list[str], forms: frozenset[str]) -> bool:
     return False
 
 
-def _has_parts(tokens: set[str], parts: Sequence[str]) -> bool:
-    """True if ``parts`` are several word tokens and each of them, or a plain inflection of it
-    (:func:`_inflected`), is one of ``tokens``: a multi-word answer given away in pieces ("between
-    yellow and brown" for "yellow-brown", "a pointed beard ... by Vandyke" for "vandyke beard")."""
-    return len(parts) > 1 and all(part in tokens or not tokens.isdisjoint(_inflected(part)) for part in parts)
+StemFinder = Callable[[str], frozenset[str]]  # :func:`_stems`, or a memo of it
 
 
-def _gives_away(tokens: list[str], forms: frozenset[str], parts: Sequence[str]) -> bool:
-    """True if a text's ``tokens`` hold one of a word's closed ``forms`` (:func:`_has_form`) or
-    all of its ``parts`` (:func:`_has_parts`)."""
-    return _has_form(tokens, forms) or _has_parts(set(tokens), parts)
+def _related(tokens: set[str], part: str, stems: StemFinder) -> bool:
+    """True if ``part`` is one of ``tokens`` or shares an inflection stem with one: the token
+    inflects the part (:func:`_inflected`), the part inflects the token ("quiet" for
+    *quietness*, "tight" for *tightly*), or both inflect one stem ("bites" for *biter*)."""
+    family = {part, *stems(part)}
+    return not tokens.isdisjoint(family) or not tokens.isdisjoint(_inflected(part)) or any(
+        not family.isdisjoint(stems(token)) for token in tokens)
+
+
+def _has_parts(tokens: set[str], parts: Sequence[str], stems: StemFinder) -> bool:
+    """True if ``parts`` are several word tokens and each of them is related to one of ``tokens``
+    (:func:`_related`): a multi-word answer given away in pieces ("between yellow and brown" for
+    "yellow-brown", "a pointed beard ... by Vandyke" for "vandyke beard", "a soldier who operates
+    a machine gun" for "machine gunner")."""
+    return len(parts) > 1 and all(_related(tokens, part, stems) for part in parts)
+
+
+def _gives_away(tokens: list[str], forms: frozenset[str], parts: Sequence[str], stems: StemFinder) -> bool:
+    """True if a text's ``tokens`` hold one of a word's closed ``forms`` (:func:`_has_form`), all
+    of its ``parts`` (:func:`_has_parts`), a relative of its closed form (:func:`_related`: "The
+    quality or state of being quiet" for *quietness*) or the pieces it is glued from
+    (:func:`_glued`)."""
+    closed = "".join(parts)
+    present = set(tokens)
+    return (_has_form(tokens, forms) or _has_parts(present, parts, stems) or _related(present, closed, stems)
+            or _glued(present, closed))
 
 
 def contains_answer(text: str, word: str) -> bool:
-    """True if ``text`` contains ``word`` or an inflection of it (:func:`answer_forms`) as whole
-    tokens, casefolded, in any spelling; or, for a word of several tokens, each of its tokens
-    anywhere (:func:`_has_parts`)."""
-    return _gives_away(word_tokens(text), answer_forms(word), word_tokens(word))
+    """True if ``text`` gives ``word`` away (:func:`_gives_away`): it contains the word or an
+    inflection of it (:func:`answer_forms`) as whole tokens, casefolded, in any spelling; a word
+    sharing an inflection stem with it; for a word of several tokens, each of them (or a relative,
+    :func:`_related`) anywhere; or the pieces of a closed compound (:func:`_glued`)."""
+    return _gives_away(word_tokens(text), answer_forms(word), word_tokens(word), _stems)
 
 
 def answer_free(frame: pd.DataFrame, text_column: str, word_column: str = "word") -> pd.DataFrame:
     """Rows of ``frame`` whose text does not contain its own word (:func:`contains_answer`)."""
     words = frame[word_column].tolist()
     forms = {word: (answer_forms(word), word_tokens(word)) for word in set(words)}
-    leaks = [_gives_away(word_tokens(text), *forms[word]) for text, word in zip(frame[text_column].tolist(), words)]
+    stems = functools.cache(_stems)  # tokens repeat across rows: each token's stems found once per call
+    leaks = [_gives_away(word_tokens(text), *forms[word], stems) for text, word in zip(frame[text_column].tolist(), words)]
     return frame[~np.array(leaks, dtype=bool)]
 
 
@@ -167,6 +218,7 @@ def clean_gcide(frame: pd.DataFrame) -> pd.DataFrame:
         frame["word"].str.contains(_MARKUP_WORD)
         | frame["definition"].str.contains(_MARKUP_TEXT)
         | frame["definition"].str.contains(_CROSS_REFERENCE)
+        | frame["definition"].str.contains(_POINTER)
     )
     return answer_free(frame[~bad], "definition")
 

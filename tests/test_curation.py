@@ -71,13 +71,22 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("called also Kuklux Klan and the Klan.", "ku klux klan", True),  # any spacing of its parts
         ("An ice-cream cone.", "icecream", True),
         ("Of or pertaining to psychiatry.", "psychiatric", False),  # a word sharing its stem is kept
-        ("That flatters (in the various senses of the verb).", "flattering", False),
+        ("That flatters (in the various senses of the verb).", "flattering", True),  # both inflect "flatter"
         ("A dicey cream.", "ice cream", False),  # whole tokens only
         ("Having a color intermediate between yellow and brown.", "yellow-brown", True),  # every part, apart
         ("A trim, pointed beard, such as those often seen in pictures by Vandyke.", "vandyke beard", True),
         ("Struck with a panic; as, the panic-stricken crowd.", "panic-struck", True),
         ("Malthus' theories. See Malthusian.", "malthusian theory", True),  # parts inflected too
         ("A trim, pointed beard.", "vandyke beard", False),  # one part is not the answer
+        ("The quality or state of being quiet.", "quietness", True),  # a word the answer inflects
+        ("In a tight manner; closely.", "tightly", True),
+        ("State or quality of being frisky.", "friskiness", True),  # y -> i
+        ("One who, or that which, bites.", "biter", True),  # e dropped
+        ("The nut of the beech tree.", "beechnut", True),  # a closed compound in pieces
+        ("That which is set off.", "offset", True),  # in any order
+        ("A soldier who operates a machine gun.", "machine gunner", True),  # a part inflects a token
+        ("The pole flounder.", "craig flounder", False),  # one part only
+        ("A small beam of light.", "beamlet", False),  # -let is no inflection: a shared stem is kept
     ],
 )
 def test_answer_rule(text, word, leaks):
@@ -93,6 +102,8 @@ def test_gcide_cleaning_drops_cross_references_markup_and_answers():
         ("tracer/y", "Ornamental stonework."): False,  # markup headword
         ("cleavage", "Division into lamin [1913 Webster]"): False,  # markup definition
         ("flask", "A small bottle-shaped vessel; as, a flask of oil."): False,  # contains its answer
+        ("mark", "A license of reprisals. See Marque."): False,  # a pointer after the definition
+        ("cycloid", "A curve traced by a point of a rolling circle.  Cf. Helix."): False,
         ("flask", "A small bottle-shaped vessel for holding fluids."): True,
         ("brownstone", "A building faced with sandstone{1}."): True,
     }
