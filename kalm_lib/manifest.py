@@ -54,16 +54,32 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id(cpuinfo: Path = CPUINFO) -> str | None:
+    """``family F model M stepping S`` of the first CPU in ``cpuinfo`` (x86 Linux), which names
+    the chip where the model name does not (a VM's "AMD EPYC"); None where the fields are missing."""
+    lines = cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines() if cpuinfo.is_file() else []
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not all(fields.get(key) for key in ("cpu family", "model", "stepping")):
+        return None
+    return f"family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
+
+
 def machine_info() -> dict[str, object]:
-    """Python, OS, CPU model and count, and accelerator of this host."""
+    """Python, OS, CPU model, identity, count and the vector instructions torch's CPU kernels use
+    (``cpu_capability``: e.g. AVX2 or AVX512; they decide float rounding, hence mining ties), and
+    the accelerator of this host. The threads a run used are in its parameters (``threads``)."""
     import torch
 
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

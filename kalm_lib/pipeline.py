@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +33,18 @@ from .data_cards import DataCardError, load_cards
 from .encoder import Encoder, encoder_from_checkpoint, load_backbone, load_encoder
 from .evaluation import EmbeddingCache, QuantizedEncoder, TextEncoder, TruncatedEncoder, concat_per_item, evaluate_model
 from .hub import run_prompts, write_model_card
-from .layout import BASE, BASE_NO_INSTRUCTION, REPO_ROOT, SINGLE_PREFIX, STAGE1, RunLayout, StageLayout, soup_label, stage2_label
+from .layout import (
+    BASE,
+    BASE_NO_INSTRUCTION,
+    REPO_ROOT,
+    SINGLE_PREFIX,
+    STAGE1,
+    RunLayout,
+    StageLayout,
+    soup_label,
+    stage2_label,
+    stage2_seed,
+)
 from .mining import MiningConfig, mine_hard_negatives, needs_mining, pool_table, write_mined
 from .mteb_tasks import build_local_tasks, evaluated_standard_tasks
 from .outputs import write_folder, write_output
@@ -283,20 +294,34 @@ def evaluated_models(profile: Profile, run_dir: Path) -> dict[str, Path | None]:
     return models
 
 
-def final_model_runs(label: str, encoder: TextEncoder, tasks: list[AbsTask],
-                     cfg: EvalConfig) -> Iterator[tuple[str, TextEncoder, bool, list[AbsTask]]]:
-    """(name, encoder, instructed, tasks) evaluations of the final model: at full precision, then
-    Matryoshka-truncated (``label@dimN``) and quantised (``label@int8``, ``label@binary``), one task
-    at a time. All of one task's evaluations share one :class:`EmbeddingCache`, so the task is
-    encoded once, not once per compressed form; the cache is emptied before the next task."""
+def compressed_runs(label: str, encoder: TextEncoder, tasks: list[AbsTask], dims: Sequence[int],
+                    quantizations: Sequence[str]) -> Iterator[tuple[str, TextEncoder, bool, list[AbsTask]]]:
+    """(name, encoder, instructed, tasks) evaluations of one model: at full precision, then
+    Matryoshka-truncated to each of ``dims`` (``label@dimN``) and quantised (``label@int8``,
+    ``label@binary``), one task at a time. All of one task's evaluations share one
+    :class:`EmbeddingCache`, so the task is encoded once, not once per compressed form; the cache
+    is emptied before the next task."""
     cache = EmbeddingCache(encoder)
     variants: dict[str, TextEncoder] = {label: cache}
-    variants |= {f"{label}@dim{d}": TruncatedEncoder(cache, d) for d in cfg.matryoshka_dims}
-    variants |= {f"{label}@{q}": QuantizedEncoder(cache, q) for q in cfg.quantizations}
+    variants |= {f"{label}@dim{d}": TruncatedEncoder(cache, d) for d in dims}
+    variants |= {f"{label}@{q}": QuantizedEncoder(cache, q) for q in quantizations}
     for task in tasks:
         for name, model in variants.items():
             yield name, model, True, [task]
         cache.clear()
+
+
+def evaluation_runs(label: str, final: str, encoder: TextEncoder, tasks: list[AbsTask],
+                    cfg: EvalConfig) -> Iterator[tuple[str, TextEncoder, bool, list[AbsTask]]]:
+    """The evaluations of model ``label`` (:func:`compressed_runs`): the final model at full
+    precision, truncated and quantised; each single stage-2 checkpoint also truncated (so the
+    Matryoshka loss's effect at small dims has one score per seed, paired across grid variants);
+    any other model at full precision only."""
+    if label == final:
+        return compressed_runs(label, encoder, tasks, cfg.matryoshka_dims, cfg.quantizations)
+    if stage2_seed(label) is not None:
+        return compressed_runs(label, encoder, tasks, cfg.matryoshka_dims, [])
+    return iter([(label, encoder, True, tasks)])
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
@@ -308,8 +333,9 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
     without (``base_no_instruction``, the inputs it was trained on). Per-query and per-pair values of
     every model go to ``RunLayout.per_item_scores`` (``model`` = the stage label) for
     :mod:`kalm_lib.bootstrap`. The final model's compressed forms reuse its full-precision
-    embeddings task by task (:func:`final_model_runs`): on the paper's benchmarks that is one
-    encoding of each task instead of seven.
+    embeddings task by task (:func:`evaluation_runs`): on the paper's benchmarks that is one
+    encoding of each task instead of seven. Each single stage-2 checkpoint is also scored at the
+    Matryoshka dims, from the same one encoding.
     """
     layout = RunLayout(run_dir)
     tasks = build_local_tasks(layout.eval_payloads("test"), profile.evaluation.local_tasks)
@@ -321,7 +347,7 @@ def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
         if path is None:
             torch.manual_seed(profile.seed)  # the same base weights stage 1 started from
         encoder = load_encoder(profile.model) if path is None else encoder_from_checkpoint(path, profile.model)
-        runs = final_model_runs(label, encoder, tasks, profile.evaluation) if label == final else iter([(label, encoder, True, tasks)])
+        runs = evaluation_runs(label, final, encoder, tasks, profile.evaluation)
         if path is None:
             runs = itertools.chain(runs, [(BASE_NO_INSTRUCTION, encoder, False, tasks)])
         for name, model, instructed, on in runs:

@@ -4,7 +4,9 @@ import inspect
 import platform
 import subprocess
 
-from kalm_lib.manifest import cpu_model, git_state, machine_info
+import torch
+
+from kalm_lib.manifest import cpu_id, cpu_model, git_state, machine_info
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -60,10 +62,21 @@ def test_cpu_model_falls_back_to_platform(tmp_path, monkeypatch):
     assert cpu_model(tmp_path / "missing") == "aarch64"
 
 
-def test_machine_info_records_the_cpu_model():
+def test_cpu_id_names_family_model_and_stepping(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+                       "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 85\nstepping\t: 7\n")
+    assert cpu_id(cpuinfo) == "family 25 model 17 stepping 1"  # the first CPU's
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert cpu_id(cpuinfo) is None and cpu_id(tmp_path / "missing") is None
+
+
+def test_machine_info_records_the_cpu_and_its_kernels():
     info = machine_info()
-    assert info["cpu_model"] == cpu_model()
+    assert info["cpu_model"] == cpu_model() and info["cpu_id"] == cpu_id()
     assert isinstance(info["cpu_model"], str) and info["cpu_model"]
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "torch_threads" not in info  # the parent's count, not the run's: the run's is in its parameters
 
 
 def test_benchmarks_read_the_cpu_model_through_the_manifest():

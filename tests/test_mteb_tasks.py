@@ -679,8 +679,9 @@ def test_run_evaluation_scores_identical_weights_identically(hand_built_run: tup
 
 def test_compressed_forms_of_the_final_model_reuse_its_embeddings(hand_built_run: tuple[Profile, Path],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Matryoshka and quantised scores of the final model equal evaluating those encoders on their
-    own, and cost no encoding beyond the full-precision pass (each task is encoded once)."""
+    """Matryoshka and quantised scores of the final model, and Matryoshka scores of each single
+    stage-2 checkpoint, equal evaluating those encoders on their own, and cost no encoding beyond
+    the full-precision pass (each task is encoded once per model)."""
     profile, run = hand_built_run
     encoded: list[int] = []
     real_encode = Encoder.encode
@@ -692,9 +693,13 @@ def test_compressed_forms_of_the_final_model_reuse_its_embeddings(hand_built_run
     scores = run_evaluation(compressed, run)
     assert sum(encoded) == plain  # no task encoded again for @dim16, @int8, @binary
     final = encoder_from_checkpoint(RunLayout(run).soup("uniform"), profile.model)
+    single = encoder_from_checkpoint(RunLayout(run).stage2(1).final, profile.model)
     tasks = build_local_tasks(RunLayout(run).eval_payloads("test"), profile.evaluation.local_tasks)
+    assert {s for s in scores["stage"] if "@" in s} == {"soup_uniform@dim16", "soup_uniform@int8", "soup_uniform@binary",
+                                                         "stage2_seed0@dim16", "stage2_seed1@dim16"}
     for label, alone in {"soup_uniform@dim16": TruncatedEncoder(final, 16), "soup_uniform@int8": QuantizedEncoder(final, "int8"),
-                         "soup_uniform@binary": QuantizedEncoder(final, "binary")}.items():
+                         "soup_uniform@binary": QuantizedEncoder(final, "binary"),
+                         "stage2_seed1@dim16": TruncatedEncoder(single, 16)}.items():
         direct = evaluate_model(alone, tasks, run / "direct", f"direct-{label}", profile.evaluation.batch_size)
         assert differing_scores(scores[scores["stage"] == label], direct.scores) == {}, label
 

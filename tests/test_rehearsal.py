@@ -195,7 +195,7 @@ def test_rehearsal_series_runs_the_gpu_path(rehearsal_run):
     assert set(main["task"]) == {"SciFact"}
     final = soup_label("uniform")
     expected = {BASE, BASE_NO_INSTRUCTION, STAGE1, *histories[1:], final,
-                *(f"{final}@dim{d}" for d in profile.evaluation.matryoshka_dims),
+                *(f"{model}@dim{d}" for model in [final, *histories[1:]] for d in profile.evaluation.matryoshka_dims),
                 *(f"{final}@{q}" for q in profile.evaluation.quantizations)}
     assert set(main["stage"]) == expected
     assert layout.report_html.is_file() and json.loads(layout.manifest.read_text())["profile"] == REHEARSAL
