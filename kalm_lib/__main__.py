@@ -186,22 +186,27 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _findings(args: argparse.Namespace) -> int:
-    """``findings`` subcommand: the grid's findings (if any), then the run's, then the run's main
-    scores per model and task, as Markdown."""
+    """``findings`` subcommand: the grid's findings (if any), then the run's, then (with a grid
+    whose checkpoints were scored at Matryoshka dims) the variants at truncated dims, then the
+    run's main scores per model and task, as Markdown tables separated by blank lines."""
     import pandas as pd
 
     from .ablations import collect
-    from .findings import findings_markdown, grid_findings, run_findings, scores_markdown
+    from .findings import findings_markdown, grid_findings, matryoshka_findings, run_findings, scores_markdown
     from .report import main_scores
 
     try:
-        tables = [grid_findings(collect(args.grid_dir), args.reference)] if args.grid_dir else []
+        table = collect(args.grid_dir) if args.grid_dir else None
+        tables = [grid_findings(table, args.reference)] if table is not None else []
         tables.append(run_findings(args.run_dir))
+        truncated = matryoshka_findings(table, args.reference) if table is not None else pd.DataFrame()
         scores = main_scores(args.run_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(findings_markdown(pd.concat(tables, ignore_index=True)))
+    if len(truncated):
+        print(findings_markdown(truncated))
     print(scores_markdown(scores), end="")
     return 0
 

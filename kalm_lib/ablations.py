@@ -34,7 +34,16 @@ import yaml
 from scipy import stats
 
 from .config import ConfigError, load_profile
-from .layout import NOTEBOOKS_DIR, REPO_ROOT, GridLayout, RunLayout, incomplete_run, is_soup_label, stage2_seed
+from .layout import (
+    NOTEBOOKS_DIR,
+    REPO_ROOT,
+    STAGE2_PREFIX,
+    GridLayout,
+    RunLayout,
+    incomplete_run,
+    is_soup_label,
+    stage2_seed,
+)
 from .manifest import git_state, machine_info, package_versions
 from .outputs import write_output
 from .runner import REPORT_NOTEBOOK, execute, render_report, run_series
@@ -291,6 +300,15 @@ def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         rows.append({"replicate": replicate, "task": task, "units": int((~np.isnan(paired)).sum()),
                      "delta_vs_reference": delta, "delta_ci95": half})
     return pd.DataFrame(rows, columns=["replicate", "task", "units", "delta_vs_reference", "delta_ci95"])
+
+
+def truncated_singles(table: pd.DataFrame) -> pd.DataFrame:
+    """Single stage-2 checkpoints scored at a Matryoshka dim (models ``stage2_seedN@dimD``), as
+    :func:`collect` rows of the full-dim checkpoint ``stage2_seedN`` (seed N) plus a column
+    ``dim`` = D; :func:`seed_deltas` of the rows of one dim pairs them like full-dim scores."""
+    parts = table["model"].str.extract(rf"^(?P<single>{STAGE2_PREFIX}(?P<seed>\d+))@dim(?P<dim>\d+)$")
+    rows = table[parts["single"].notna()].assign(model=parts["single"].dropna(), dim=parts["dim"].dropna().astype(int))
+    return rows.assign(seed=pd.array(parts["seed"].dropna().astype(int), dtype="Int64")).reset_index(drop=True)
 
 
 def soup_vs_best_single(table: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .ablations import mean_ci, replicate_deltas, seed_deltas
+from .ablations import mean_ci, replicate_deltas, seed_deltas, truncated_singles
 from .bootstrap import paired_comparisons, read_per_item
 from .layout import BASE, BASE_NO_INSTRUCTION, SINGLE_PREFIX, STAGE1, RunLayout, soup_label, stage2_seed
 
@@ -51,7 +51,8 @@ def finding_row(finding: str, task: str, effect: float, half_or_bounds: float | 
 def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Every variant against the reference, per task and on the task average, paired by seed (and
     replicate, when the grid has replicates); then each replicate's reference against the
-    reference (``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
+    reference; then stage 2 against stage 1 across curations (:func:`stage2_vs_stage1_across_curations`;
+    ``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
     deltas = seed_deltas(table, reference)
     rows = [
         finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.units),
@@ -64,6 +65,49 @@ def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
                     int(row.units), f"t over {int(row.units)} stage-2 seeds")
         for row in replicate_deltas(table, reference).itertuples()
     ]
+    frames = [pd.DataFrame(rows, columns=FINDING_COLUMNS), stage2_vs_stage1_across_curations(table, reference)]
+    return pd.concat([frame for frame in frames if len(frame)], ignore_index=True)
+
+
+def stage2_vs_stage1_across_curations(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Stage 2 against stage 1 of the reference recipe across its curations (replicates of
+    ``table``, :func:`kalm_lib.ablations.collect`): per curation, the mean over its stage-2 seeds of
+    d_s = score(stage2_seed_s) - score(stage 1 of that curation); then the t interval over the R
+    curation means (R - 1 degrees of freedom), as :func:`~kalm_lib.ablations.seed_deltas` does
+    for variants. Per task and on the task average; empty with fewer than two curations."""
+    ref = table[table["variant"] == reference]
+    singles = ref[ref["seed"].notna()]
+    stage1 = ref[ref["model"] == STAGE1]
+    if stage1["replicate"].nunique() < 2:
+        return pd.DataFrame(columns=FINDING_COLUMNS)
+    averaged = [singles.groupby(["replicate", "seed"])["score"].mean().reset_index().assign(task="average"),
+                stage1.groupby("replicate")["score"].mean().reset_index().assign(task="average")]
+    singles = pd.concat([singles[["replicate", "seed", "task", "score"]], averaged[0]], ignore_index=True)
+    stage1 = pd.concat([stage1[["replicate", "task", "score"]], averaged[1]], ignore_index=True).set_index(["replicate", "task"])["score"]
+    rows = []
+    for task, group in singles.groupby("task", sort=False):
+        paired = group["score"].to_numpy() - stage1.reindex(pd.MultiIndex.from_arrays([group["replicate"], group["task"]])).to_numpy()
+        means = pd.Series(paired, index=group["replicate"].to_numpy()).dropna().groupby(level=0).mean()
+        effect, half = mean_ci(means.to_numpy())
+        rows.append(finding_row(f"{reference} stage 2 vs stage 1, across curations", task, effect, half, len(means),
+                                f"t over {len(means)} curation means of seed-paired differences"))
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS)
+
+
+def matryoshka_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Every variant against the reference with both truncated to each Matryoshka dim D
+    (:func:`~kalm_lib.ablations.truncated_singles`), per task and on the task average, paired and
+    with intervals exactly as :func:`grid_findings`: where the Matryoshka loss (or any other
+    trick) shows at small dims."""
+    rows = []
+    for dim, group in truncated_singles(table).groupby("dim", sort=False):
+        deltas = seed_deltas(group, reference)
+        rows += [
+            finding_row(f"{row.variant} vs {reference} @dim{dim}", row.task, row.delta_vs_reference, row.delta_ci95,
+                        int(row.units), f"t over {int(row.units)} " + ("replicate means of seed-paired differences"
+                                                                        if row.replicates > 1 else "stage-2 seeds"))
+            for row in deltas[deltas["variant"] != reference].itertuples()
+        ]
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 

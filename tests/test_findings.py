@@ -6,9 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kalm_lib.findings import grid_findings, reading, stage2_vs_stage1
+from kalm_lib.findings import (
+    grid_findings,
+    matryoshka_findings,
+    reading,
+    stage2_vs_stage1,
+    stage2_vs_stage1_across_curations,
+)
 
-T_975_2 = 4.302653  # Student t, 97.5% quantile, 2 degrees of freedom
+T_975_1 = 12.706205  # Student t, 97.5% quantile, 1 degree of freedom
+T_975_2 = 4.302653  # ... 2 degrees of freedom
 
 
 def test_reading_follows_the_interval_not_the_point_estimate():
@@ -74,3 +81,45 @@ def test_findings_command_reports_a_missing_run(tmp_path, capsys):
 
     assert main(["findings", "--run-dir", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def grid_table(rows: list[tuple[str, str, str, str, float]]) -> pd.DataFrame:
+    """A :func:`kalm_lib.ablations.collect`-shaped table from (variant, replicate, model, task, score)."""
+    table = pd.DataFrame(rows, columns=["variant", "replicate", "model", "task", "score"])
+    seeds = table["model"].str.fullmatch(r"stage2_seed\d+")
+    table["seed"] = pd.array(table["model"].str.extract(r"^stage2_seed(\d+)$")[0].where(seeds).astype(float), dtype="Int64")
+    return table
+
+
+def test_stage2_vs_stage1_across_curations_pairs_within_each_curation():
+    table = grid_table([
+        ("ref", "", "stage1", "A", 0.40), ("ref", "", "stage2_seed0", "A", 0.50), ("ref", "", "stage2_seed1", "A", 0.46),
+        ("ref", "cs2", "stage1", "A", 0.30), ("ref", "cs2", "stage2_seed0", "A", 0.35), ("ref", "cs2", "stage2_seed1", "A", 0.33),
+        ("v", "", "stage2_seed0", "A", 0.9),  # other variants do not enter
+    ])
+    rows = stage2_vs_stage1_across_curations(table, "ref").set_index("task")
+    # curation means of the seed differences: (0.10 + 0.06) / 2 = 0.08 and (0.05 + 0.03) / 2 = 0.04
+    half = T_975_1 * np.std([0.08, 0.04], ddof=1) / math.sqrt(2)
+    for task in ("A", "average"):
+        assert rows.loc[task, "effect"] == pytest.approx(0.06)
+        assert (rows.loc[task, "ci_low"], rows.loc[task, "ci_high"]) == pytest.approx((0.06 - half, 0.06 + half))
+        assert rows.loc[task, "n"] == 2
+    assert stage2_vs_stage1_across_curations(table[table["replicate"] == ""], "ref").empty  # one curation: none
+    assert "ref stage 2 vs stage 1, across curations" in set(grid_findings(table, "ref")["finding"])
+
+
+def test_matryoshka_findings_pair_truncated_scores_by_seed_and_dim():
+    table = grid_table([
+        ("ref", "", "stage2_seed0", "A", 0.50), ("ref", "", "stage2_seed1", "A", 0.60),
+        ("ref", "", "stage2_seed0@dim16", "A", 0.40), ("ref", "", "stage2_seed1@dim16", "A", 0.44),
+        ("ref", "", "stage2_seed0@dim8", "A", 0.30), ("ref", "", "stage2_seed1@dim8", "A", 0.31),
+        ("nomat", "", "stage2_seed1@dim16", "A", 0.40), ("nomat", "", "stage2_seed0@dim16", "A", 0.37),  # seed order swapped
+        ("nomat", "", "stage2_seed0@dim8", "A", 0.20), ("nomat", "", "stage2_seed1@dim8", "A", 0.25),
+        ("ref", "", "soup_uniform@dim16", "A", 0.99),  # soups are no single checkpoints
+    ])
+    rows = matryoshka_findings(table, "ref").set_index(["finding", "task"])
+    assert set(rows.index) == {(f"nomat vs ref @dim{d}", t) for d in (16, 8) for t in ("A", "average")}
+    half16 = T_975_1 * np.std([-0.03, -0.04], ddof=1) / math.sqrt(2)
+    assert rows.loc[("nomat vs ref @dim16", "A"), "effect"] == pytest.approx(-0.035)
+    assert rows.loc[("nomat vs ref @dim16", "A"), "ci_high"] == pytest.approx(-0.035 + half16)
+    assert rows.loc[("nomat vs ref @dim8", "A"), "effect"] == pytest.approx(-0.08)

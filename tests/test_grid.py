@@ -6,6 +6,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from html_checks import headings, leaks
 
 from kalm_lib.layout import GridLayout
 
@@ -37,8 +38,9 @@ def test_grid_report_and_manifest(tiny_grid):
     manifest = json.loads(layout.manifest.read_text())
     assert manifest["grid"]["reference"] == "full" and set(manifest["runs"]) == {"full", "no_focal"}
     html = layout.report_html.read_text()
-    assert "no_focal vs full" in html  # the grid's findings, first in the report
-    assert html.index("Findings") < html.index("Evidence")
+    sections = headings(html)
+    assert sections[0] == "Findings" and "no_focal vs full" in html[: html.index("Evidence")]  # findings open the report
+    assert not leaks(html)
     assert html.count("data:image/png;base64") >= 4
 
 
@@ -54,3 +56,13 @@ def test_report_only_renders_from_the_runs_present(tiny_grid, tmp_path):
     manifest = json.loads(GridLayout(folder).manifest.read_text())
     assert manifest["missing_runs"] == ["gamma_2"] and set(manifest["runs"]) == {"full", "no_focal"}
     assert not GridLayout(folder).variant("gamma_2").root.exists()
+
+
+def test_findings_command_prints_variants_also_at_truncated_dims(tiny_grid, capsys):
+    from kalm_lib.__main__ import main
+
+    reference = GridLayout(tiny_grid).variant("full").root
+    assert main(["findings", "--run-dir", str(reference), "--grid-dir", str(tiny_grid), "--reference", "full"]) == 0
+    tables = capsys.readouterr().out.strip().split("\n\n")
+    assert len(tables) == 3  # findings, findings at truncated dims, scores
+    assert "| no_focal vs full | average |" in tables[0] and "| no_focal vs full @dim16 | average |" in tables[1]

@@ -5,6 +5,7 @@ import shutil
 
 import nbformat
 import pytest
+from html_checks import headings, leaks
 
 from kalm_lib.__main__ import main
 from kalm_lib.config import ConfigError
@@ -59,6 +60,7 @@ def test_report_is_self_contained_html_with_figures(tiny_run):
     assert html.count("data:image/png;base64") >= 3
     assert "KalmDefinitionRetrieval" in html and "soup_greedy" in html
     assert "KaLM-Embedding-V2 (0.5B)" in html  # the published reference card's summary
+    assert headings(html)[0] == "Findings" and not leaks(html)
 
 
 @pytest.mark.slow
