@@ -286,3 +286,34 @@ def test_finetuning_refuses_sets_that_were_not_mined(curated_tiny, tmp_path):
     profile, _ = open_run("tiny", run)
     with pytest.raises(FileNotFoundError, match=r"\['ft_gloss_retrieval'\] have no mined negatives"):
         run_finetuning(profile, run)
+
+
+def test_mining_ranks_with_the_stage1_checkpoint(curated_tiny, tmp_path, monkeypatch):
+    """Notebook 02's mining loads the stage-1 checkpoint and ranks with it, not the base model."""
+    import shutil
+
+    import torch
+
+    from kalm_lib import pipeline
+    from kalm_lib.encoder import load_encoder
+    from kalm_lib.layout import RunLayout
+    from kalm_lib.pipeline import open_run, run_mining
+
+    run = tmp_path / "run"
+    shutil.copytree(curated_tiny, run)
+    profile, _ = open_run("tiny", run)
+    stage1 = load_encoder(profile.model)
+    with torch.no_grad():
+        for parameter in stage1.backbone.parameters():
+            parameter.add_(0.01)  # a "trained" stage 1 that differs from the base weights
+    stage1.save(RunLayout(run).stage1.final)
+    loaded, ranked_with = [], []
+    real_load, real_mine = pipeline.encoder_from_checkpoint, pipeline.mine_hard_negatives
+    monkeypatch.setattr(pipeline, "encoder_from_checkpoint", lambda path, cfg: loaded.append(path) or real_load(path, cfg))
+    monkeypatch.setattr(pipeline, "mine_hard_negatives",
+                        lambda frame, card, encoder, *a, **k: ranked_with.append(encoder) or real_mine(frame, card, encoder, *a, **k))
+    run_mining(profile, run)
+    assert loaded == [RunLayout(run).stage1.final] and ranked_with
+    expected = stage1.backbone.state_dict()
+    for encoder in ranked_with:
+        assert all(torch.equal(value, expected[name]) for name, value in encoder.backbone.state_dict().items())
