@@ -308,3 +308,23 @@ def test_sample_seed_changes_training_rows_but_not_evaluation(gcide_cards):
         assert other.evals[name].payload == base.evals[name].payload, name
     assert same.train["train"].equals(base.train["train"])  # None means the profile seed
     assert set(other.train["train"]["query"]) != set(base.train["train"]["query"])
+
+
+def test_curation_drops_training_rows_that_copy_a_standard_task_text(curated_tiny, tmp_path, monkeypatch):
+    """Notebook 00 hands the evaluated standard mteb tasks' texts to the curation (the paper
+    profile's MTEB decontamination): a training query copied into such a task is dropped."""
+    from kalm_lib import pipeline
+    from kalm_lib.curation import load_train_sets
+    from kalm_lib.layout import RunLayout
+    from kalm_lib.pipeline import open_run, run_curation
+
+    sets = load_train_sets(RunLayout(curated_tiny), "pretrain")
+    name, (frame, _) = next(iter(sets.items()))
+    copied = frame["query"].iloc[0]
+    tasks = [object()]  # stands in for the mteb task objects of evaluation.standard_tasks
+    monkeypatch.setattr(pipeline, "evaluated_standard_tasks", lambda cfg: tasks)
+    monkeypatch.setattr(pipeline, "task_texts", lambda given: frozenset({copied}) if given is tasks else frozenset())
+    profile, run = open_run("tiny", tmp_path / "run")
+    run_curation(profile, run)
+    again = load_train_sets(RunLayout(run), "pretrain")[name][0]
+    assert copied not in set(again["query"]) and copied not in set(again["positive"])
