@@ -13,8 +13,9 @@ same contract):
   of case, Unicode form, hyphens, underscores and spaces; the held-out split hashes that key.
 * no answer in the question: a definition or gloss that contains its own word (or a plain
   inflection of it, :func:`answer_forms`), a word its word inflects ("quiet" for *quietness*),
-  every part of a multi-word word or the pieces of a closed compound ("beech" and "nut" for
-  *beechnut*) is dropped (:func:`contains_answer`).
+  every part of a multi-word word, the pieces of a closed compound ("beech" and "nut" for
+  *beechnut*) or a word of 5 letters or more inside its word ("pacify" for *repacify*) is
+  dropped (:func:`contains_answer`).
 * GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
   markup, cross-references ("See X", "Same as X", "imp. & p. p. of X", ...) or hold a pointer
   anywhere ("... See Marque." for *mark*) are dropped.
@@ -137,6 +138,18 @@ def _glued(tokens: set[str], word: str) -> bool:
     return reach.get(len(word), 0) >= 2
 
 
+SHARED_WORD_MIN = 5  # letters of a word that the answer and its text may not share
+
+
+def _shares_word(tokens: set[str], word: str) -> bool:
+    """True if the closed ``word`` contains one of ``tokens`` of :data:`SHARED_WORD_MIN` letters
+    or more, or one of them contains it: the answer is a text word with an affix ("Not audible"
+    for *inaudible*, "To pacify again" for *repacify*, "A female juggler" for *juggleress*) or
+    holds one as a part ("A disease characterized by ..." for *Basedow's disease*)."""
+    return any(len(token) >= SHARED_WORD_MIN and token in word for token in tokens) or (
+        len(word) >= SHARED_WORD_MIN and any(word in token for token in tokens))
+
+
 def answer_forms(word: str) -> frozenset[str]:
     """Closed forms that give ``word`` away: its tokens written together ("ice cream" ->
     "icecream"), also with an inflection of the last token ("icecreams", "flatteringly", "goes").
@@ -185,19 +198,20 @@ def _has_parts(tokens: set[str], parts: Sequence[str], stems: StemFinder) -> boo
 def _gives_away(tokens: list[str], forms: frozenset[str], parts: Sequence[str], stems: StemFinder) -> bool:
     """True if a text's ``tokens`` hold one of a word's closed ``forms`` (:func:`_has_form`), all
     of its ``parts`` (:func:`_has_parts`), a relative of its closed form (:func:`_related`: "The
-    quality or state of being quiet" for *quietness*) or the pieces it is glued from
-    (:func:`_glued`)."""
+    quality or state of being quiet" for *quietness*), the pieces it is glued from
+    (:func:`_glued`) or a word of 5 letters or more it shares (:func:`_shares_word`)."""
     closed = "".join(parts)
     present = set(tokens)
     return (_has_form(tokens, forms) or _has_parts(present, parts, stems) or _related(present, closed, stems)
-            or _glued(present, closed))
+            or _glued(present, closed) or _shares_word(present, closed))
 
 
 def contains_answer(text: str, word: str) -> bool:
     """True if ``text`` gives ``word`` away (:func:`_gives_away`): it contains the word or an
     inflection of it (:func:`answer_forms`) as whole tokens, casefolded, in any spelling; a word
     sharing an inflection stem with it; for a word of several tokens, each of them (or a relative,
-    :func:`_related`) anywhere; or the pieces of a closed compound (:func:`_glued`)."""
+    :func:`_related`) anywhere; the pieces of a closed compound (:func:`_glued`); or a word of 5
+    letters or more that the word contains or that contains the word (:func:`_shares_word`)."""
     return _gives_away(word_tokens(text), answer_forms(word), word_tokens(word), _stems)
 
 

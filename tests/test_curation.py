@@ -72,12 +72,12 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("An ice-cream cone.", "icecream", True),
         ("Of or pertaining to psychiatry.", "psychiatric", False),  # a word sharing its stem is kept
         ("That flatters (in the various senses of the verb).", "flattering", True),  # both inflect "flatter"
-        ("A dicey cream.", "ice cream", False),  # whole tokens only
+        ("A dicey dessert.", "ice cream", False),  # whole tokens only
         ("Having a color intermediate between yellow and brown.", "yellow-brown", True),  # every part, apart
         ("A trim, pointed beard, such as those often seen in pictures by Vandyke.", "vandyke beard", True),
         ("Struck with a panic; as, the panic-stricken crowd.", "panic-struck", True),
         ("Malthus' theories. See Malthusian.", "malthusian theory", True),  # parts inflected too
-        ("A trim, pointed beard.", "vandyke beard", False),  # one part is not the answer
+        ("A trim, pointed hat.", "vandyke beard", False),  # no part
         ("The quality or state of being quiet.", "quietness", True),  # a word the answer inflects
         ("In a tight manner; closely.", "tightly", True),
         ("State or quality of being frisky.", "friskiness", True),  # y -> i
@@ -85,8 +85,12 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("The nut of the beech tree.", "beechnut", True),  # a closed compound in pieces
         ("That which is set off.", "offset", True),  # in any order
         ("A soldier who operates a machine gun.", "machine gunner", True),  # a part inflects a token
-        ("The pole flounder.", "craig flounder", False),  # one part only
-        ("A small beam of light.", "beamlet", False),  # -let is no inflection: a shared stem is kept
+        ("The pole flounder.", "craig flounder", True),  # a part of 5 letters or more
+        ("A small beam of light.", "beamlet", False),  # a shared word under 5 letters is kept
+        ("To pacify again.", "repacify", True),  # a word of the text with an affix
+        ("Not audible; silent.", "inaudible", True),
+        ("In a state of sleep.", "asleep", True),
+        ("Of or pertaining to the crocodile.", "crocodilian", False),  # a shared stem is kept
     ],
 )
 def test_answer_rule(text, word, leaks):

@@ -71,8 +71,9 @@ def contains_answer(text: str, word: str) -> bool:
 
 def inflects_a_token(text: str, word: str) -> bool:
     """The answer is a token of the text (3 letters or more) plus a plain suffix ("quiet" for
-    *quietness*; e dropped before a vowel, y -> i after a consonant) or two tokens written
-    together ("beech", "nut" for *beechnut*)."""
+    *quietness*; e dropped before a vowel, y -> i after a consonant), contains a token of 5
+    letters or more ("pacify" for *repacify*) or is two tokens written together ("beech", "nut"
+    for *beechnut*)."""
     tokens = set(re.findall(r"[^\W_]+", text.casefold()))
     answer = "".join(re.findall(r"[^\W_]+", word.casefold()))
     suffixes = ("s", "es", "d", "ed", "ing", "er", "est", "ly", "ness")
@@ -84,6 +85,8 @@ def inflects_a_token(text: str, word: str) -> bool:
             stems.append((token[:-1] + "i", ("es", "ed", "er", "est", "ly", "ness")))
         if any(answer == stem + suffix for stem, endings in stems for suffix in endings):
             return True
+    if any(len(t) >= 5 and t in answer for t in tokens):  # a word of the text inside the answer ("pacify", repacify)
+        return True
     long = [t for t in tokens if len(t) >= 3]
     return any(answer == a + b for a in long for b in long if a != b)
 
