@@ -235,8 +235,11 @@ def collect(grid_dir: Path) -> pd.DataFrame:
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the Student-t confidence interval (nan half-width for n < 2)."""
+    """Mean and half-width of the Student-t confidence interval (nan half-width for n < 2; both
+    nan for no values)."""
     values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
     if len(values) < 2:
         return float(values.mean()), float("nan")
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))

@@ -14,8 +14,9 @@ same contract):
 * no answer in the question: a definition or gloss that contains its own word (or a plain
   inflection of it, :func:`answer_forms`), a word its word inflects ("quiet" for *quietness*),
   every part of a multi-word word, the pieces of a closed compound ("beech" and "nut" for
-  *beechnut*) or a word of 5 letters or more inside its word ("pacify" for *repacify*) is
-  dropped (:func:`contains_answer`).
+  *beechnut*), a word of 5 letters or more inside its word ("pacify" for *repacify*) or its
+  word's stem with another ending ("pragmatic" for *pragmatist*) is dropped
+  (:func:`contains_answer`).
 * GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
   markup, cross-references ("See X", "Same as X", "imp. & p. p. of X", ...) or hold a pointer
   anywhere ("... See Marque." for *mark*) are dropped.
@@ -115,20 +116,26 @@ def _inflected(stem: str) -> set[str]:
 
 
 def _stems(word: str) -> frozenset[str]:
-    """The words ``word`` is an inflection of (:func:`_inflected`; stems of at least 3 letters):
-    "quietness" -> {"quiet"}, "sloppiness" -> {"sloppy"}, "biter" -> {"bit", "bite"}."""
+    """The words ``word`` is an inflection of (:func:`_inflected`; stems of at least 4 letters,
+    as shorter ones are mostly function words: "for" + "est" is no forest): "quietness" ->
+    {"quiet"}, "sloppiness" -> {"sloppy"}, "biter" -> {"bite"}."""
     candidates = set()
     for suffix in _INFLECTIONS:
         if word.endswith(suffix) and len(word) - len(suffix) >= 2:
             base = word[: -len(suffix)]
             candidates |= {base, base + "e", base[:-1], base[:-1] + "y"}
-    return frozenset(stem for stem in candidates if len(stem) >= 3 and word in _inflected(stem))
+    return frozenset(stem for stem in candidates if len(stem) >= 4 and word in _inflected(stem))
+
+
+GLUED_MIN = 6  # letters of a closed compound :func:`_glued` looks for (from "air" + "man"; it also drops "can" + "did")
 
 
 def _glued(tokens: set[str], word: str) -> bool:
-    """True if ``word`` is two or more of ``tokens`` (3 letters or more each) written together, in
-    any order: a closed compound given away in pieces ("The nut of the beech tree" for *beechnut*,
-    "The hide or skin of a calf" for *calfskin*)."""
+    """True if ``word`` (:data:`GLUED_MIN` letters or more) is two or more of ``tokens`` (3 letters
+    or more each) written together, in any order: a closed compound given away in pieces ("The
+    nut of the beech tree" for *beechnut*, "The hide or skin of a calf" for *calfskin*)."""
+    if len(word) < GLUED_MIN:
+        return False
     pieces = {token for token in tokens if len(token) >= 3 and token in word}
     reach = {0: 0}  # end of a prefix of ``word`` -> most pieces that spell it
     for end in range(3, len(word) + 1):
@@ -138,16 +145,35 @@ def _glued(tokens: set[str], word: str) -> bool:
     return reach.get(len(word), 0) >= 2
 
 
-SHARED_WORD_MIN = 5  # letters of a word that the answer and its text may not share
+SHARED_WORD_MIN = 5  # letters of a word the answer and its text may not share as prefix or suffix
+SHARED_STEM_MIN = 6  # letters of a stem the answer and a word of its text may not share
+
+
+def _affixed(longer: str, shorter: str) -> bool:
+    """True if ``shorter`` (:data:`SHARED_WORD_MIN` letters or more) begins or ends ``longer``."""
+    return len(shorter) >= SHARED_WORD_MIN and (longer.startswith(shorter) or longer.endswith(shorter))
 
 
 def _shares_word(tokens: set[str], word: str) -> bool:
-    """True if the closed ``word`` contains one of ``tokens`` of :data:`SHARED_WORD_MIN` letters
-    or more, or one of them contains it: the answer is a text word with an affix ("Not audible"
-    for *inaudible*, "To pacify again" for *repacify*, "A female juggler" for *juggleress*) or
-    holds one as a part ("A disease characterized by ..." for *Basedow's disease*)."""
-    return any(len(token) >= SHARED_WORD_MIN and token in word for token in tokens) or (
-        len(word) >= SHARED_WORD_MIN and any(word in token for token in tokens))
+    """True if one of ``tokens`` begins or ends the closed ``word``, or the word begins or ends
+    one of them (:func:`_affixed`): the answer is a text word with an affix ("Not audible" for
+    *inaudible*, "To pacify again" for *repacify*, "A female juggler" for *juggleress*) or holds
+    one as a part ("A disease characterized by ..." for *Basedow's disease*). Inside a word does
+    not count ("arranged" holds *range* by chance)."""
+    return any(_affixed(word, token) or _affixed(token, word) for token in tokens)
+
+
+def _shares_stem(tokens: set[str], word: str) -> bool:
+    """True if one of ``tokens`` and the closed ``word`` begin with the same letters up to the last
+    letter of the shorter, at least :data:`SHARED_STEM_MIN` of them: a stem with another ending
+    ("One who is pragmatic" for *pragmatist*, "Guilty of perjury" for *perjured*, "the crocodile"
+    for *crocodilian*; not "carpenter" for *carpet*)."""
+    for token in tokens:
+        shorter = min(len(token), len(word))
+        need = max(SHARED_STEM_MIN, shorter - 1)
+        if shorter >= need and token[:need] == word[:need]:
+            return True
+    return False
 
 
 def answer_forms(word: str) -> frozenset[str]:
@@ -199,11 +225,12 @@ def _gives_away(tokens: list[str], forms: frozenset[str], parts: Sequence[str], 
     """True if a text's ``tokens`` hold one of a word's closed ``forms`` (:func:`_has_form`), all
     of its ``parts`` (:func:`_has_parts`), a relative of its closed form (:func:`_related`: "The
     quality or state of being quiet" for *quietness*), the pieces it is glued from
-    (:func:`_glued`) or a word of 5 letters or more it shares (:func:`_shares_word`)."""
+    (:func:`_glued`), a word of 5 letters or more it shares (:func:`_shares_word`) or a stem with
+    another ending (:func:`_shares_stem`)."""
     closed = "".join(parts)
     present = set(tokens)
     return (_has_form(tokens, forms) or _has_parts(present, parts, stems) or _related(present, closed, stems)
-            or _glued(present, closed) or _shares_word(present, closed))
+            or _glued(present, closed) or _shares_word(present, closed) or _shares_stem(present, closed))
 
 
 def contains_answer(text: str, word: str) -> bool:
@@ -211,7 +238,8 @@ def contains_answer(text: str, word: str) -> bool:
     inflection of it (:func:`answer_forms`) as whole tokens, casefolded, in any spelling; a word
     sharing an inflection stem with it; for a word of several tokens, each of them (or a relative,
     :func:`_related`) anywhere; the pieces of a closed compound (:func:`_glued`); or a word of 5
-    letters or more that the word contains or that contains the word (:func:`_shares_word`)."""
+    letters or more that the word contains or that contains the word (:func:`_shares_word`); or a
+    word with the same stem and another ending (:func:`_shares_stem`)."""
     return _gives_away(word_tokens(text), answer_forms(word), word_tokens(word), _stems)
 
 

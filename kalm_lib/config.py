@@ -221,7 +221,7 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)  # mteb benchmarks, e.g. ["MTEB(eng, v1)"] (hub hosts): their tasks
     # join standard_tasks, and each gets Mean(Task) / Mean(TaskType) as the leaderboard computes them
     batch_size: int = 128  # encode batch size
-    matryoshka_dims: list[int] = field(default_factory=list)  # final model also scored truncated to these dims
+    matryoshka_dims: list[int] = field(default_factory=list)  # final model and each stage-2 checkpoint also scored truncated to these dims
     quantizations: list[str] = field(default_factory=list)  # final model also scored as int8 / binary codes
     skip_upstream_models: bool = False  # do not evaluate base and stage 1 (grid variants that reuse them)
     reference_card: str = "data_cards/reference/mteb_eng_v2_published.yaml"  # published scores beside the run; "" hides

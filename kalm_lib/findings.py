@@ -65,8 +65,9 @@ def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
                     int(row.units), f"t over {int(row.units)} stage-2 seeds")
         for row in replicate_deltas(table, reference).itertuples()
     ]
-    frames = [pd.DataFrame(rows, columns=FINDING_COLUMNS), stage2_vs_stage1_across_curations(table, reference)]
-    return pd.concat([frame for frame in frames if len(frame)], ignore_index=True)
+    frames = [frame for frame in (pd.DataFrame(rows, columns=FINDING_COLUMNS), stage2_vs_stage1_across_curations(table, reference))
+              if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FINDING_COLUMNS)
 
 
 def stage2_vs_stage1_across_curations(table: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -76,9 +77,9 @@ def stage2_vs_stage1_across_curations(table: pd.DataFrame, reference: str) -> pd
     curation means (R - 1 degrees of freedom), as :func:`~kalm_lib.ablations.seed_deltas` does
     for variants. Per task and on the task average; empty with fewer than two curations."""
     ref = table[table["variant"] == reference]
-    singles = ref[ref["seed"].notna()]
     stage1 = ref[ref["model"] == STAGE1]
-    if stage1["replicate"].nunique() < 2:
+    singles = ref[ref["seed"].notna() & ref["replicate"].isin(set(stage1["replicate"]))]
+    if singles["replicate"].nunique() < 2:
         return pd.DataFrame(columns=FINDING_COLUMNS)
     averaged = [singles.groupby(["replicate", "seed"])["score"].mean().reset_index().assign(task="average"),
                 stage1.groupby("replicate")["score"].mean().reset_index().assign(task="average")]
@@ -90,7 +91,7 @@ def stage2_vs_stage1_across_curations(table: pd.DataFrame, reference: str) -> pd
         means = pd.Series(paired, index=group["replicate"].to_numpy()).dropna().groupby(level=0).mean()
         effect, half = mean_ci(means.to_numpy())
         rows.append(finding_row(f"{reference} stage 2 vs stage 1, across curations", task, effect, half, len(means),
-                                f"t over {len(means)} curation means of seed-paired differences"))
+                                f"t over {len(means)} curations of mean(stage-2 seeds) - stage 1"))
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 
@@ -106,7 +107,7 @@ def matryoshka_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
             finding_row(f"{row.variant} vs {reference} @dim{dim}", row.task, row.delta_vs_reference, row.delta_ci95,
                         int(row.units), f"t over {int(row.units)} " + ("replicate means of seed-paired differences"
                                                                         if row.replicates > 1 else "stage-2 seeds"))
-            for row in deltas[deltas["variant"] != reference].itertuples()
+            for row in deltas[(deltas["variant"] != reference) & (deltas["units"] > 0)].itertuples()  # 0: nothing to pair with
         ]
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 

@@ -70,7 +70,8 @@ def cpu_id(cpuinfo: Path = CPUINFO) -> str | None:
 def machine_info() -> dict[str, object]:
     """Python, OS, CPU model, identity, count and the vector instructions torch's CPU kernels use
     (``cpu_capability``: e.g. AVX2 or AVX512; they decide float rounding, hence mining ties), and
-    the accelerator of this host. The threads a run used are in its parameters (``threads``)."""
+    the accelerator of this host. A run's threads are its ``threads`` parameter, or with 0 torch's
+    default (``torch_default_threads``)."""
     import torch
 
     return {
@@ -80,6 +81,7 @@ def machine_info() -> dict[str, object]:
         "cpu_id": cpu_id(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
+        "torch_default_threads": torch.get_num_threads(),  # what a run with ``threads: 0`` uses
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -325,8 +325,9 @@ def evaluation_runs(label: str, final: str, encoder: TextEncoder, tasks: list[Ab
 
 
 def run_evaluation(profile: Profile, run_dir: Path) -> pd.DataFrame:
-    """Real mteb evaluation of every stage; the final model (last soup) also with compressed embeddings,
-    and its folder gets a model card with its scores (:func:`kalm_lib.hub.write_model_card`).
+    """Real mteb evaluation of every stage; the final model (last soup) also with compressed
+    embeddings and each single stage-2 checkpoint also truncated to the Matryoshka dims; the final
+    model's folder gets a model card with its scores (:func:`kalm_lib.hub.write_model_card`).
 
     Every model is evaluated on fresh copies of the tasks, so all see the same random draws (paired).
     The base model is scored twice: with the KaLM instructions (``base``, as every trained stage) and

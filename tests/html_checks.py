@@ -4,7 +4,7 @@ tracebacks or object reprs."""
 import html as html_lib
 import re
 
-LEAKS = ("IProgress", "Traceback", "UserWarning", "FutureWarning", "DeprecationWarning", "Profile(", "<kalm_lib.", "object at 0x")
+LEAKS = re.compile(r"IProgress|Traceback|\b\w*Warning\b|Profile\(|<kalm_lib\.|object at 0x")
 
 
 def headings(html: str, level: int = 2) -> list[str]:
@@ -14,5 +14,5 @@ def headings(html: str, level: int = 2) -> list[str]:
 
 
 def leaks(html: str) -> list[str]:
-    """The :data:`LEAKS` strings the report holds."""
-    return [leak for leak in LEAKS if leak in html]
+    """The :data:`LEAKS` the report holds (each match once)."""
+    return sorted(set(LEAKS.findall(html)))

@@ -70,7 +70,7 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("as, this goes to show.", "go", True),  # short words inflect too
         ("called also Kuklux Klan and the Klan.", "ku klux klan", True),  # any spacing of its parts
         ("An ice-cream cone.", "icecream", True),
-        ("Of or pertaining to psychiatry.", "psychiatric", False),  # a word sharing its stem is kept
+        ("Of or pertaining to psychiatry.", "psychiatric", True),  # a stem with another ending
         ("That flatters (in the various senses of the verb).", "flattering", True),  # both inflect "flatter"
         ("A dicey dessert.", "ice cream", False),  # whole tokens only
         ("Having a color intermediate between yellow and brown.", "yellow-brown", True),  # every part, apart
@@ -83,14 +83,23 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("State or quality of being frisky.", "friskiness", True),  # y -> i
         ("One who, or that which, bites.", "biter", True),  # e dropped
         ("The nut of the beech tree.", "beechnut", True),  # a closed compound in pieces
-        ("That which is set off.", "offset", True),  # in any order
+        ("A fishing line held by hand.", "handline", True),  # in any order
         ("A soldier who operates a machine gun.", "machine gunner", True),  # a part inflects a token
         ("The pole flounder.", "craig flounder", True),  # a part of 5 letters or more
         ("A small beam of light.", "beamlet", False),  # a shared word under 5 letters is kept
         ("To pacify again.", "repacify", True),  # a word of the text with an affix
         ("Not audible; silent.", "inaudible", True),
         ("In a state of sleep.", "asleep", True),
-        ("Of or pertaining to the crocodile.", "crocodilian", False),  # a shared stem is kept
+        ("Of or pertaining to the crocodile.", "crocodilian", True),
+        ("One who is pragmatic.", "pragmatist", True),
+        ("Guilty of perjury.", "perjured", True),
+        ("Abounding in fens.", "fenny", False),  # stems under 5 letters are kept
+        ("To stand still.", "stank", False),  # 4 shared letters are no stem
+        ("A rug; a carpenter's work.", "carpet", False),  # nor are 5
+        ("A large wood used for hunting.", "forest", False),  # "for" is no stem of forest
+        ("Cream churned, but salted.", "butter", False),
+        ("Things arranged in a row.", "range", False),  # a word inside a text word is chance
+        ("An enlisted man in the air force.", "airman", True),  # two 3-letter pieces
     ],
 )
 def test_answer_rule(text, word, leaks):

@@ -7,6 +7,7 @@ Each test failed on the pre-fix code (main at a8fed37) before the fix it guards 
 
 import functools
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -70,14 +71,15 @@ def contains_answer(text: str, word: str) -> bool:
 
 
 def inflects_a_token(text: str, word: str) -> bool:
-    """The answer is a token of the text (3 letters or more) plus a plain suffix ("quiet" for
+    """The answer is a token of the text (4 letters or more) plus a plain suffix ("quiet" for
     *quietness*; e dropped before a vowel, y -> i after a consonant), contains a token of 5
-    letters or more ("pacify" for *repacify*) or is two tokens written together ("beech", "nut"
-    for *beechnut*)."""
+    letters or more at its start or end ("pacify" for *repacify*) or all but the last letter of
+    one of 7 letters or more ("pragmatic" for *pragmatist*), or is two tokens written together
+    ("beech", "nut" for *beechnut*)."""
     tokens = set(re.findall(r"[^\W_]+", text.casefold()))
     answer = "".join(re.findall(r"[^\W_]+", word.casefold()))
     suffixes = ("s", "es", "d", "ed", "ing", "er", "est", "ly", "ness")
-    for token in (t for t in tokens if len(t) >= 3):
+    for token in (t for t in tokens if len(t) >= 4):
         stems = [(token, suffixes)]
         if token.endswith("e"):
             stems.append((token[:-1], ("ed", "er", "es", "est", "ing")))
@@ -85,8 +87,10 @@ def inflects_a_token(text: str, word: str) -> bool:
             stems.append((token[:-1] + "i", ("es", "ed", "er", "est", "ly", "ness")))
         if any(answer == stem + suffix for stem, endings in stems for suffix in endings):
             return True
-    if any(len(t) >= 5 and t in answer for t in tokens):  # a word of the text inside the answer ("pacify", repacify)
-        return True
+    if any(len(t) >= 5 and (answer.startswith(t) or answer.endswith(t)) for t in tokens):
+        return True  # a word of the text with an affix ("pacify", repacify)
+    if any(min(len(t), len(answer)) >= 7 and os.path.commonprefix([t, answer]) == t[:-1] for t in tokens):
+        return True  # the stem up to the token's last letter ("pragmatic", pragmatist)
     long = [t for t in tokens if len(t) >= 3]
     return any(answer == a + b for a in long for b in long if a != b)
 

@@ -123,3 +123,12 @@ def test_matryoshka_findings_pair_truncated_scores_by_seed_and_dim():
     assert rows.loc[("nomat vs ref @dim16", "A"), "effect"] == pytest.approx(-0.035)
     assert rows.loc[("nomat vs ref @dim16", "A"), "ci_high"] == pytest.approx(-0.035 + half16)
     assert rows.loc[("nomat vs ref @dim8", "A"), "effect"] == pytest.approx(-0.08)
+
+
+def test_grid_with_only_its_reference_has_no_findings_and_unpaired_dims_are_left_out():
+    reference_only = grid_table([("ref", "", "stage1", "A", 0.4), ("ref", "", "stage2_seed0", "A", 0.5)])
+    assert grid_findings(reference_only, "ref").empty
+    table = grid_table([  # the variant has truncated scores, the reference (an older run) none
+        ("ref", "", "stage2_seed0", "A", 0.5), ("v", "", "stage2_seed0", "A", 0.4), ("v", "", "stage2_seed0@dim8", "A", 0.3),
+    ])
+    assert matryoshka_findings(table, "ref").empty

@@ -76,7 +76,7 @@ def test_machine_info_records_the_cpu_and_its_kernels():
     assert info["cpu_model"] == cpu_model() and info["cpu_id"] == cpu_id()
     assert isinstance(info["cpu_model"], str) and info["cpu_model"]
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert "torch_threads" not in info  # the parent's count, not the run's: the run's is in its parameters
+    assert info["torch_default_threads"] == torch.get_num_threads()
 
 
 def test_benchmarks_read_the_cpu_model_through_the_manifest():
