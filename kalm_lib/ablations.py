@@ -23,6 +23,7 @@ replicate-to-replicate (curation) variance.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,11 +227,29 @@ def run_scores(run_dir: Path, name: str) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def test_set_digest(run: RunLayout) -> str | None:
+    """SHA-256 over the names and bytes of a run's test payloads (None when it has none)."""
+    files = sorted(run.eval_payloads("test").glob("*.json"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def collect(grid_dir: Path) -> pd.DataFrame:
-    """Main scores of every variant run under ``grid_dir``."""
+    """Main scores of every variant run under ``grid_dir``. Runs evaluated on different test sets
+    (e.g. built at commits with different data rules) cannot be paired: a ``ValueError`` names them."""
     runs = GridLayout(grid_dir).variant_runs()
     if not runs:
         raise FileNotFoundError(f"no runs with evaluation scores under {grid_dir}")
+    digests = {run.root.name: digest for run in runs if (digest := test_set_digest(run)) is not None}
+    if len(set(digests.values())) > 1:
+        groups: dict[str, list[str]] = {}
+        for name, digest in digests.items():
+            groups.setdefault(digest[:12], []).append(name)
+        raise ValueError(f"{grid_dir}: runs were evaluated on different test sets, so they cannot be paired: {groups}")
     return pd.concat([run_scores(run.root, run.root.name) for run in runs], ignore_index=True)
 
 

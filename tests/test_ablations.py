@@ -1,5 +1,6 @@
 """Ablation grid: parsing, result collection and the paired statistics, checked by hand."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,15 @@ def test_grid_resumes_only_runs_that_started(tmp_path, monkeypatch):
     with pytest.raises(InterruptedError):
         ablations.run_grid(grid, tmp_path, "g", only=["full_recipe", "no_mixing"])
     assert calls == [("full_recipe", False), ("no_mixing", True)]
+
+
+def test_runs_on_different_test_sets_are_not_paired(grid_dir):
+    for name, queries in (("full", {"q0": "a text"}), ("ablated", {"q0": "another text"})):
+        payloads = RunLayout(grid_dir / name).eval_payloads("test")
+        payloads.mkdir(parents=True)
+        (payloads / "definition_retrieval.json").write_text(json.dumps({"queries": queries}))
+    with pytest.raises(ValueError, match="different test sets"):
+        collect(grid_dir)
+    same = json.dumps({"queries": {"q0": "a text"}})
+    (RunLayout(grid_dir / "ablated").eval_payloads("test") / "definition_retrieval.json").write_text(same)
+    assert set(collect(grid_dir)["variant"]) == {"full", "ablated"}
