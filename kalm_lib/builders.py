@@ -15,7 +15,7 @@ same contract):
   inflection of it, :func:`answer_forms`), a word its word inflects ("quiet" for *quietness*),
   every part of a multi-word word, the pieces of a closed compound ("beech" and "nut" for
   *beechnut*), a word of 5 letters or more inside its word ("pacify" for *repacify*) or its
-  word's stem with another ending ("pragmatic" for *pragmatist*) is dropped
+  word's stem with another ending ("pragmatic" for *pragmatist*, "incapable" for *incapability*) is dropped
   (:func:`contains_answer`).
 * GCIDE: sense indices such as ``knave{3}`` are removed, and headwords or definitions that are raw
   markup, cross-references ("See X", "Same as X", "imp. & p. p. of X", ...) or hold a pointer
@@ -164,13 +164,13 @@ def _shares_word(tokens: set[str], word: str) -> bool:
 
 
 def _shares_stem(tokens: set[str], word: str) -> bool:
-    """True if one of ``tokens`` and the closed ``word`` begin with the same letters up to the last
-    letter of the shorter, at least :data:`SHARED_STEM_MIN` of them: a stem with another ending
-    ("One who is pragmatic" for *pragmatist*, "Guilty of perjury" for *perjured*, "the crocodile"
-    for *crocodilian*; not "carpenter" for *carpet*)."""
+    """True if one of ``tokens`` and the closed ``word`` begin with the same letters, all of the
+    shorter but its last 3 and at least :data:`SHARED_STEM_MIN`: a stem with another ending ("One
+    who is pragmatic" for *pragmatist*, "Guilty of perjury" for *perjured*, "being incapable" for
+    *incapability*, "punctuating" for *punctuation*; not "carpenter" for *carpet*)."""
     for token in tokens:
         shorter = min(len(token), len(word))
-        need = max(SHARED_STEM_MIN, shorter - 1)
+        need = max(SHARED_STEM_MIN, shorter - 3)
         if shorter >= need and token[:need] == word[:need]:
             return True
     return False

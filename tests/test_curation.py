@@ -93,6 +93,7 @@ def test_decontaminate_drops_words_texts_and_negatives():
         ("Of or pertaining to the crocodile.", "crocodilian", True),
         ("One who is pragmatic.", "pragmatist", True),
         ("Guilty of perjury.", "perjured", True),
+        ("The quality of being incapable.", "incapability", True),  # the stem up to the last 3 letters
         ("Abounding in fens.", "fenny", False),  # stems under 5 letters are kept
         ("To stand still.", "stank", False),  # 4 shared letters are no stem
         ("A rug; a carpenter's work.", "carpet", False),  # nor are 5
