@@ -94,15 +94,18 @@ def grid_table(rows: list[tuple[str, str, str, str, float]]) -> pd.DataFrame:
 def test_stage2_vs_stage1_across_curations_pairs_within_each_curation():
     table = grid_table([
         ("ref", "", "stage1", "A", 0.40), ("ref", "", "stage2_seed0", "A", 0.50), ("ref", "", "stage2_seed1", "A", 0.46),
+        ("ref", "", "stage1", "B", 0.20), ("ref", "", "stage2_seed0", "B", 0.30), ("ref", "", "stage2_seed1", "B", 0.20),
         ("ref", "cs2", "stage1", "A", 0.30), ("ref", "cs2", "stage2_seed0", "A", 0.35), ("ref", "cs2", "stage2_seed1", "A", 0.33),
+        ("ref", "cs2", "stage1", "B", 0.10), ("ref", "cs2", "stage2_seed0", "B", 0.15), ("ref", "cs2", "stage2_seed1", "B", 0.13),
         ("v", "", "stage2_seed0", "A", 0.9),  # other variants do not enter
     ])
     rows = stage2_vs_stage1_across_curations(table, "ref").set_index("task")
-    # curation means of the seed differences: (0.10 + 0.06) / 2 = 0.08 and (0.05 + 0.03) / 2 = 0.04
-    half = T_975_1 * np.std([0.08, 0.04], ddof=1) / math.sqrt(2)
-    for task in ("A", "average"):
-        assert rows.loc[task, "effect"] == pytest.approx(0.06)
-        assert (rows.loc[task, "ci_low"], rows.loc[task, "ci_high"]) == pytest.approx((0.06 - half, 0.06 + half))
+    # per curation, the mean over seeds of stage 2 - stage 1, then t over the two curations:
+    # A: 0.08 and 0.04; B: 0.05 and 0.04; task average (0.40, 0.33 vs 0.30 | 0.25, 0.23 vs 0.20): 0.065 and 0.04
+    for task, means in {"A": [0.08, 0.04], "B": [0.05, 0.04], "average": [0.065, 0.04]}.items():
+        effect, half = np.mean(means), T_975_1 * np.std(means, ddof=1) / math.sqrt(2)
+        assert rows.loc[task, "effect"] == pytest.approx(effect)
+        assert (rows.loc[task, "ci_low"], rows.loc[task, "ci_high"]) == pytest.approx((effect - half, effect + half))
         assert rows.loc[task, "n"] == 2
     assert stage2_vs_stage1_across_curations(table[table["replicate"] == ""], "ref").empty  # one curation: none
     assert "ref stage 2 vs stage 1, across curations" in set(grid_findings(table, "ref")["finding"])
