@@ -150,7 +150,11 @@ def compressed_scores(table: pd.DataFrame) -> pd.DataFrame:
 def plot_deltas(deltas: pd.DataFrame, reference: str) -> plt.Figure:
     """Paired change of the average main score against the reference, with 95% CIs over seeds."""
     average = deltas[(deltas["task"] == "average") & (deltas["variant"] != reference)].sort_values("delta_vs_reference")
-    fig, axis = plt.subplots(figsize=(8, 0.5 + 0.45 * len(average)))
+    fig, axis = plt.subplots(figsize=(8, 1.5 + 0.45 * max(len(average), 1)))
+    if average.empty:  # a grid with only its reference so far
+        axis.text(0.5, 0.5, "no variant runs yet", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+        return fig
     axis.barh(average["variant"], average["delta_vs_reference"], xerr=average["delta_ci95"].fillna(0), color="tab:blue", capsize=3)
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set(xlabel=f"change of average main score vs {reference} (single checkpoints, 95% CI over seeds)")

@@ -22,7 +22,7 @@ from kalm_lib.ablations import (
 from kalm_lib.config import ConfigError
 from kalm_lib.layout import GRIDS_DIR, RunLayout
 from kalm_lib.outputs import write_output
-from kalm_lib.report import per_curation_table
+from kalm_lib.report import per_curation_table, plot_deltas
 
 
 def test_shipped_grids_validate():
@@ -241,3 +241,11 @@ def test_runs_on_different_test_sets_are_not_paired(grid_dir):
     same = json.dumps({"queries": {"q0": "a text"}})
     (RunLayout(grid_dir / "ablated").eval_payloads("test") / "definition_retrieval.json").write_text(same)
     assert set(collect(grid_dir)["variant"]) == {"full", "ablated"}
+
+
+def test_deltas_plot_of_a_grid_with_only_its_reference_warns_nothing(recwarn):
+    import matplotlib.pyplot as plt
+
+    reference_only = pd.DataFrame({"variant": ["full"], "task": ["average"], "delta_vs_reference": [0.0], "delta_ci95": [0.0]})
+    plt.close(plot_deltas(reference_only, "full"))
+    assert not [str(w.message) for w in recwarn.list]
