@@ -54,12 +54,7 @@ def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     reference; then stage 2 against stage 1 across curations (:func:`stage2_vs_stage1_across_curations`;
     ``table`` as :func:`kalm_lib.ablations.collect` returns it)."""
     deltas = seed_deltas(table, reference)
-    rows = [
-        finding_row(f"{row.variant} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.units),
-                    f"t over {int(row.units)} " + ("replicate means of seed-paired differences" if row.replicates > 1
-                                                   else "stage-2 seeds"))
-        for row in deltas[deltas["variant"] != reference].itertuples()
-    ]
+    rows = variant_rows(deltas[deltas["variant"] != reference], reference)
     rows += [
         finding_row(f"{reference}@{row.replicate} vs {reference}", row.task, row.delta_vs_reference, row.delta_ci95,
                     int(row.units), f"t over {int(row.units)} stage-2 seeds")
@@ -68,6 +63,17 @@ def grid_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     frames = [frame for frame in (pd.DataFrame(rows, columns=FINDING_COLUMNS), stage2_vs_stage1_across_curations(table, reference))
               if len(frame)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FINDING_COLUMNS)
+
+
+def variant_rows(deltas: pd.DataFrame, reference: str, label: str = "") -> list[dict[str, object]]:
+    """Findings rows ``<variant> vs <reference><label>`` of :func:`~kalm_lib.ablations.seed_deltas`
+    rows, with the interval each carries (over stage-2 seeds, or over replicate means)."""
+    return [
+        finding_row(f"{row.variant} vs {reference}{label}", row.task, row.delta_vs_reference, row.delta_ci95, int(row.units),
+                    f"t over {int(row.units)} " + ("replicate means of seed-paired differences" if row.replicates > 1
+                                                   else "stage-2 seeds"))
+        for row in deltas.itertuples()
+    ]
 
 
 def stage2_vs_stage1_across_curations(table: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -103,12 +109,8 @@ def matryoshka_findings(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     rows = []
     for dim, group in truncated_singles(table).groupby("dim", sort=False):
         deltas = seed_deltas(group, reference)
-        rows += [
-            finding_row(f"{row.variant} vs {reference} @dim{dim}", row.task, row.delta_vs_reference, row.delta_ci95,
-                        int(row.units), f"t over {int(row.units)} " + ("replicate means of seed-paired differences"
-                                                                        if row.replicates > 1 else "stage-2 seeds"))
-            for row in deltas[(deltas["variant"] != reference) & (deltas["units"] > 0)].itertuples()  # 0: nothing to pair with
-        ]
+        paired = deltas[(deltas["variant"] != reference) & (deltas["units"] > 0)]  # 0: nothing to pair with
+        rows += variant_rows(paired, reference, f" @dim{dim}")
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 
