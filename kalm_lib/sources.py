@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset
+import pyarrow.parquet as pq
 
 from .data_cards import DataCard, DataCardError
 
@@ -152,21 +152,21 @@ def load_hub(card: DataCard, data_files: DataFiles | None = None) -> pd.DataFram
 def hub_batches(card: DataCard, data_files: DataFiles | None = None, batch_rows: int = 100_000) -> Iterator[pa.Table]:
     """A hub source's rows as Arrow tables of at most ``batch_rows`` rows, never the whole dataset:
     the hub dataset streamed (``load_dataset(..., streaming=True)``), or local Parquet files read
-    batch by batch through a pyarrow dataset.
+    file by file, batch by batch (:func:`_local_tables`).
 
     Only the columns ``hub.columns`` maps are read (all when it maps none), renamed to the card's
     fields; ``limit`` ends the stream after that many rows. The column check is
-    :func:`load_hub`'s, raised when the first batch is asked for.
+    :func:`load_hub`'s (every local file's footer), raised when the first batch is asked for.
     """
     spec = hub_spec(card)
     if data_files is None:
         available, tables, where = _hub_stream(spec, batch_rows)
+        _check_columns(card, spec, available, where)
     else:
         files = _local_files(data_files)
-        dataset = pyarrow.dataset.dataset(files, format="parquet")
-        available, where = dataset.schema.names, f"local data files {files}"
-        tables = _local_tables(dataset, list(spec.columns) or None, batch_rows)
-    _check_columns(card, spec, available, where)
+        for path in files:
+            _check_columns(card, spec, pq.read_schema(path).names, f"local data file {path}")
+        tables = _local_tables(files, list(spec.columns) or None, batch_rows)
     yield from _renamed(_limited(tables, spec.limit), spec.columns)
 
 
@@ -181,13 +181,16 @@ def _hub_stream(spec: HubSpec, batch_rows: int) -> tuple[list[str], Iterator[pa.
     return list(dataset.column_names or []), dataset.with_format("arrow").iter(batch_size=batch_rows), where
 
 
-def _local_tables(dataset: pyarrow.dataset.Dataset, columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
-    """Non-empty Arrow tables of at most ``batch_rows`` rows of a pyarrow dataset, read on demand:
-    no read-ahead (pyarrow's default reads up to 4 files x 16 batches ahead, so memory grew with
-    the number of files: 9.4x one batch over 12 files, measured)."""
-    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=0, fragment_readahead=0):
-        if batch.num_rows:
-            yield pa.Table.from_batches([batch])
+def _local_tables(files: Sequence[str], columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
+    """Non-empty Arrow tables of at most ``batch_rows`` rows of local Parquet files, in file order,
+    decoded only when asked for: one file open at a time, its batches read in this thread. (A
+    pyarrow dataset scanner decodes files ahead of a slow consumer even with ``batch_readahead=0,
+    fragment_readahead=0``: every file of the set was held at once, measured; its default
+    read-ahead held 7-8 batches.)"""
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch])
 
 
 def _limited(tables: Iterable[pa.Table], limit: int) -> Iterator[pa.Table]:
