@@ -187,19 +187,22 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _findings(args: argparse.Namespace) -> int:
     """``findings`` subcommand: the grid's findings (if any), then the run's, then (with a grid
-    whose checkpoints were scored at Matryoshka dims) the variants at truncated dims, then the
-    run's main scores per model and task, as Markdown tables separated by blank lines."""
+    whose checkpoints were scored at Matryoshka dims) the variants at truncated dims, then (with a
+    grid of several curations) each variant within each curation, then the run's main scores per
+    model and task, as Markdown tables separated by blank lines."""
     import pandas as pd
 
-    from .ablations import collect
-    from .findings import findings_markdown, grid_findings, matryoshka_findings, run_findings, scores_markdown
-    from .report import main_scores
+    from .ablations import collect, per_replicate_deltas
+    from .findings import cells_markdown, findings_markdown, grid_findings, matryoshka_findings, run_findings, scores_markdown
+    from .report import main_scores, per_curation_table
 
     try:
         table = collect(args.grid_dir) if args.grid_dir else None
         tables = [grid_findings(table, args.reference)] if table is not None else []
         tables.append(run_findings(args.run_dir))
         truncated = matryoshka_findings(table, args.reference) if table is not None else pd.DataFrame()
+        replicated = table is not None and table["replicate"].nunique() > 1
+        within = per_curation_table(per_replicate_deltas(table, args.reference), args.reference) if replicated else pd.DataFrame()
         scores = main_scores(args.run_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -207,6 +210,8 @@ def _findings(args: argparse.Namespace) -> int:
     print(findings_markdown(pd.concat(tables, ignore_index=True)))
     if len(truncated):
         print(findings_markdown(truncated))
+    if len(within):
+        print(cells_markdown(within))
     print(scores_markdown(scores), end="")
     return 0
 

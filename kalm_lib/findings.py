@@ -181,6 +181,17 @@ def findings_markdown(findings: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cells_markdown(table: pd.DataFrame) -> str:
+    """A table of text cells as a Markdown table: the index levels' names and values first (e.g.
+    :func:`kalm_lib.report.per_curation_table`: variant, curation), then one column per column."""
+    names = [str(name) for name in table.index.names]
+    lines = ["| " + " | ".join([*names, *map(str, table.columns)]) + " |", "|" + " --- |" * (len(names) + len(table.columns))]
+    for key, row in table.iterrows():
+        labels = key if isinstance(key, tuple) else (key,)
+        lines.append("| " + " | ".join([*map(str, labels), *map(str, row)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def scores_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     """A stage x task score table (:func:`kalm_lib.report.main_scores`) as a Markdown table."""
     lines = ["| model | " + " | ".join(table.columns) + " |", "| --- |" + " --- |" * len(table.columns)]

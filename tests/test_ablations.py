@@ -20,6 +20,7 @@ from kalm_lib.ablations import (
     soup_vs_best_single,
 )
 from kalm_lib.config import ConfigError
+from kalm_lib.findings import cells_markdown
 from kalm_lib.layout import GRIDS_DIR, RunLayout
 from kalm_lib.outputs import write_output
 from kalm_lib.report import per_curation_table, plot_deltas
@@ -194,6 +195,12 @@ def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_
         assert within.loc[(replicate, "g0", "A"), "units"] == 2 and within.loc[(replicate, "g0", "A"), "replicates"] == 1
     text = per_curation_table(per_replicate_deltas(table, "full"), "full")
     assert text.loc[("g0", "cs2"), "A"] == "-0.0200 [-0.2741, +0.2341]" and list(text.index) == [("g0", "base"), ("g0", "cs2")]
+    # base: -0.02, -0.01 -> -0.015 +- 12.706 * 0.00707 / sqrt(2) = 0.0635; one task, so the average is the same
+    assert cells_markdown(text).splitlines() == [
+        "| variant | curation | A | average |", "| --- | --- | --- | --- |",
+        "| g0 | base | -0.0150 [-0.0785, +0.0485] | -0.0150 [-0.0785, +0.0485] |",
+        "| g0 | cs2 | -0.0200 [-0.2741, +0.2341] | -0.0200 [-0.2741, +0.2341] |",
+    ]
     curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
     assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
     assert curation.loc[("cs2", "A"), "units"] == 2
