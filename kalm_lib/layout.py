@@ -14,6 +14,7 @@ are the constants below. A run folder::
         pretrain/<set>.parquet     curated shards, one per derived card
         pretrain/<set>/*.parquet   a streamed set's shards (data.stream_hub_sets)
         streaming_work/<set>/      while a streamed set is curated: intermediate shards, datatrove logs
+        arrow_cache/<set>/         a streamed set's shards as memory-mapped Arrow (written when training first reads them)
         finetune/<set>.parquet
         mined/<set>.parquet        stage-2 shards with negatives mined by the stage-1 model (notebook 02)
         mining_pool.parquet        candidate words for mining (every word not held out) and their relations
@@ -151,6 +152,10 @@ class RunLayout:
     def shard_dir(self, stage: str, name: str) -> Path:
         """Folder of Parquet shards of a streamed training set ``name`` (``data.stream_hub_sets``)."""
         return self.data / stage / name
+
+    def arrow_cache(self, name: str) -> Path:
+        """Memory-mapped Arrow copy of streamed set ``name``'s shards that training reads (:class:`~kalm_lib.shards.ShardRows`)."""
+        return self.data / "arrow_cache" / name
 
     def streaming_work(self, name: str) -> Path:
         """Intermediate shards, signatures and datatrove logs of streamed set ``name`` (removed once curated)."""

@@ -211,3 +211,19 @@ def test_data_scale_quick(tmp_path):
     assert summary["rss_ratio_goal_met"] is (summary["rss_ratio"] <= 1.5)
     assert summary["seconds_linear_goal_met"] is (summary["seconds_per_row_ratio"] <= 1.5)
     assert [r["goal"] for r in summary["rows"]] == ["<= 1.5", "<= 1.5"]
+
+
+def test_shard_reads(tmp_path):
+    """Not part of run_all (a measurement of the streamed path): its own --quick run; both readers
+    return the asked rows at every size."""
+    from benchmarks.shard_reads import QUICK_SIZES, READERS, main
+
+    payload = main(["--quick", "--out", str(tmp_path), "--batches", "2"])
+    assert json.loads((tmp_path / "shard_reads.json").read_text()) == payload
+    points = payload["raw"]["points"]
+    assert payload["summary"]["failed"] == []
+    assert [(p["reader"], p["rows"]) for p in points] == [(r, n) for n in QUICK_SIZES for r in READERS]
+    for point in points:
+        assert point["batch"] == 512 and len(point["seconds"]) == 2 and all(map(_positive, point["seconds"]))
+    speedup, growth = payload["summary"]["rows"]
+    assert _positive(speedup["value"]) and growth["goal"] == "<= 64"

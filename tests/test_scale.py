@@ -187,7 +187,7 @@ def test_shard_rows_read_rows_in_the_asked_order(tmp_path):
     for i, start in enumerate(range(0, 25, 10)):
         pq.write_table(pa.Table.from_pandas(frame.iloc[start : start + 10], preserve_index=False), tmp_path / f"{i}.parquet",
                        row_group_size=4)
-    rows = ShardRows(parquet_files(tmp_path))
+    rows = ShardRows(parquet_files(tmp_path), tmp_path / "cache")
     assert len(rows) == 25 and rows.min_list_length("negatives") == 1
     picked = rows.iloc[np.array([24, 0, 13, 3, 13])]
     assert picked["query"].tolist() == ["q24", "q0", "q13", "q3", "q13"]
@@ -221,6 +221,7 @@ def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tm
     assert sorted(sets) == sorted(streamed)
     for name, (rows, card) in sets.items():
         assert isinstance(rows, ShardRows) and len(rows) == card.extra["size"] == 6, name
+        assert layout.arrow_cache(name).is_dir()  # memory-mapped from the run's own folder
         assert card.extra["file"] == f"pretrain/{name}"
         batch = make_batch(rows, card, np.array([5, 0, 2, 1]), negatives_per_query(rows, 3), 0, 1)
         source = pd.read_parquet(fixture(card.inputs[0]))
