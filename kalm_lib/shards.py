@@ -11,8 +11,8 @@ a row).
 Why not read the Parquet row groups a batch lands in (the previous reader): a random batch of B
 rows touches about B row groups and decodes each whole (datatrove writes 1,000-row groups), so a
 step decodes up to B x 1,000 rows, more as the set grows. ``benchmarks/shard_reads.py`` (same
-shards, same batches, B = 4096, 1e6 rows): 1.49 s per batch that way, 0.13 s from the Arrow cache
-(11x), with no anonymous memory growth from 1e5 to 1e6 rows; the conversion costs ~6 s per 1e6
+shards, same batches, B = 4096, 1e6 rows, clean d9fb5fd): 1.15 s per batch that way, 0.10 s from the Arrow cache
+(11x), with no anonymous memory growth from 1e5 to 1e6 rows; the conversion costs ~7 s per 1e6
 rows and about 1.5x the shards' size on disk, once per run.
 """
 
