@@ -81,7 +81,7 @@ class Probe:
     mmap_threshold: int = 0  # bytes for MALLOC_MMAP_THRESHOLD_; 0 = glibc's default
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     """A ``kB`` field of ``/proc/self/status``."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -112,8 +112,8 @@ class RssMeter:
             self.method = "VmHWM after clear_refs"
         except OSError:
             self.method = "ru_maxrss (includes the loading peak)"
-        self.baseline_mib = _proc_status_kib("VmRSS") / 1024
-        self.file_baseline_mib = _proc_status_kib("RssFile") / 1024
+        self.baseline_mib = proc_status_kib("VmRSS") / 1024
+        self.file_baseline_mib = proc_status_kib("RssFile") / 1024
         self.file_growth_mib = 0.0
         self.began = time.perf_counter()
 
@@ -121,10 +121,10 @@ class RssMeter:
         """Record the peak so far (train_stage's ``on_log``)."""
         self.seconds = time.perf_counter() - self.began
         if self.method.startswith("VmHWM"):
-            self.peak_mib = _proc_status_kib("VmHWM") / 1024
+            self.peak_mib = proc_status_kib("VmHWM") / 1024
         else:
             self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.file_growth_mib = _proc_status_kib("RssFile") / 1024 - self.file_baseline_mib
+        self.file_growth_mib = proc_status_kib("RssFile") / 1024 - self.file_baseline_mib
 
     def figures(self) -> dict[str, Any]:
         return {"baseline_mib": self.baseline_mib, "peak_mib": self.peak_mib, "delta_mib": self.peak_mib - self.baseline_mib,

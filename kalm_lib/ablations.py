@@ -305,7 +305,8 @@ def per_replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     carries across replicates; they show whether an effect points the same way in each curation."""
     parts = [seed_deltas(group, reference).assign(replicate=replicate)
              for replicate, group in table.groupby("replicate", sort=True) if (group["variant"] == reference).any()]
-    return pd.concat(parts, ignore_index=True)[["replicate", *parts[0].columns.drop("replicate")]]
+    columns = ["replicate", "variant", "task", "units", "replicates", "score", "ci95", "delta_vs_reference", "delta_ci95"]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
 
 def replicate_deltas(table: pd.DataFrame, reference: str) -> pd.DataFrame:

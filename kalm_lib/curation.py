@@ -47,7 +47,7 @@ from .builders import (
 )
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
-from .dedup import NUM_PERM, near_dedup_shards, parquet_files, shingles
+from .dedup import NUM_PERM, near_dedup_shards, shingles
 from .layout import RunLayout
 from .outputs import write_output
 from .shards import ShardRows
@@ -379,18 +379,14 @@ def _write_filled_card(card: DataCard, size: int, path: Path, layout: RunLayout)
 
 def load_train_sets(layout: RunLayout, stage: str) -> dict[str, tuple[TrainRows, DataCard]]:
     """Read back the curated shards and filled cards of one stage: a one-file shard as a frame, a
-    streamed set's folder of shards as :class:`~kalm_lib.shards.ShardRows` (memory-mapped, read a
-    batch at a time)."""
+    streamed set's folder of shards as :class:`~kalm_lib.shards.ShardRows` (its Arrow copy,
+    memory-mapped, read a batch at a time)."""
     cards = load_cards(layout.cards, check_inputs=False)
     sets: dict[str, tuple[TrainRows, DataCard]] = {}
     for name, card in cards.items():
         if card.stage == stage:
             path = layout.data / card.extra["file"]
-            if path.is_dir():
-                files = parquet_files(path)
-                frame = ShardRows(files, layout.arrow_cache(name)) if files else pd.DataFrame()
-            else:
-                frame = pd.read_parquet(path)
+            frame = ShardRows(layout.arrow_copy(card.stage, name)) if path.is_dir() else pd.read_parquet(path)
             if not len(frame):
                 raise DataCardError(f"{card.path}: shard {card.extra['file']} is empty")
             sets[name] = (frame, card)

@@ -13,8 +13,8 @@ are the constants below. A run folder::
       data/                        notebook 00
         pretrain/<set>.parquet     curated shards, one per derived card
         pretrain/<set>/*.parquet   a streamed set's shards (data.stream_hub_sets)
+        pretrain/<set>.arrow       ... and their Arrow copy, which training memory-maps
         streaming_work/<set>/      while a streamed set is curated: intermediate shards, datatrove logs
-        arrow_cache/<set>/         a streamed set's shards as memory-mapped Arrow (written when training first reads them)
         finetune/<set>.parquet
         mined/<set>.parquet        stage-2 shards with negatives mined by the stage-1 model (notebook 02)
         mining_pool.parquet        candidate words for mining (every word not held out) and their relations
@@ -153,9 +153,9 @@ class RunLayout:
         """Folder of Parquet shards of a streamed training set ``name`` (``data.stream_hub_sets``)."""
         return self.data / stage / name
 
-    def arrow_cache(self, name: str) -> Path:
-        """Memory-mapped Arrow copy of streamed set ``name``'s shards that training reads (:class:`~kalm_lib.shards.ShardRows`)."""
-        return self.data / "arrow_cache" / name
+    def arrow_copy(self, stage: str, name: str) -> Path:
+        """Arrow copy of streamed set ``name``'s shards, memory-mapped by training (:class:`~kalm_lib.shards.ShardRows`)."""
+        return self.data / stage / f"{name}.arrow"
 
     def streaming_work(self, name: str) -> Path:
         """Intermediate shards, signatures and datatrove logs of streamed set ``name`` (removed once curated)."""

@@ -44,6 +44,7 @@ from .curation import CurationResult, eval_text_index, file_sha256, flag_below_o
 from .data_cards import DataCard, DataCardError, write_card
 from .dedup import EXAMPLE_SCHEMA, count_rows, minhash_dedup, parquet_files, row_reader, row_writer, run_steps
 from .layout import RunLayout
+from .shards import write_arrow_copy
 from .sources import DataFiles, hub_batches
 
 # White space as Python's ``\s`` and ``str.strip`` see it (RE2's ``\s`` is ASCII only).
@@ -257,7 +258,8 @@ def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, car
                          batch_sizes: Mapping[str, int] | None = None) -> None:
     """Stream every set in ``names`` into its shard folder (:meth:`RunLayout.shard_dir`), against
     ``result``'s held-out words and evaluation texts; write its filled card and add its counts to
-    ``result.summary``. Intermediate files are removed once a set is done. With ``hub_files_dir``, a
+    ``result.summary``; and the shards' Arrow copy that training memory-maps
+    (:func:`~kalm_lib.shards.write_arrow_copy`). Intermediate files are removed once a set is done. With ``hub_files_dir``, a
     hub source streams ``<card name>.parquet`` there instead of the hub (as in :func:`curate`).
     ``batch_sizes`` flags a streamed set smaller than one batch, as :func:`curate` does for the others."""
     for name in sorted(names):
@@ -268,6 +270,7 @@ def curate_streamed_sets(result: CurationResult, cfg: DataConfig, seed: int, car
         local = hub_files_dir / f"{source.name}.parquet" if hub_files_dir is not None and source.loader == "hub" else None
         counts = curate_stream(card, source, settings, result.eval_words, result.eval_texts, out, work, local)
         shutil.rmtree(work)
+        write_arrow_copy(parquet_files(out), layout.arrow_copy(card.stage, name))
         filled = card.filled(size=counts["kept"], sha256=shards_sha256(out), file=str(out.relative_to(layout.data)))
         write_card(filled, layout.card(name))
         flag_below_one_batch([counts], batch_sizes or {})

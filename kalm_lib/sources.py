@@ -183,14 +183,16 @@ def _hub_stream(spec: HubSpec, batch_rows: int) -> tuple[list[str], Iterator[pa.
 
 def _local_tables(files: Sequence[str], columns: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
     """Non-empty Arrow tables of at most ``batch_rows`` rows of local Parquet files, in file order,
-    decoded only when asked for: one file open at a time, its batches read in this thread. (A
+    decoded only when asked for: one file open at a time, each batch read when the consumer asks for
+    it (its columns may decode on Arrow's threads). (A
     pyarrow dataset scanner decodes files ahead of a slow consumer even with ``batch_readahead=0,
     fragment_readahead=0``: every file of the set was held at once, measured; its default
     read-ahead held 7-8 batches.)"""
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
-            if batch.num_rows:
-                yield pa.Table.from_batches([batch])
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                if batch.num_rows:
+                    yield pa.Table.from_batches([batch])
 
 
 def _limited(tables: Iterable[pa.Table], limit: int) -> Iterator[pa.Table]:

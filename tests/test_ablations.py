@@ -201,6 +201,7 @@ def test_deltas_pair_within_replicates_and_replicates_against_the_reference(tmp_
         "| g0 | base | -0.0150 [-0.0785, +0.0485] | -0.0150 [-0.0785, +0.0485] |",
         "| g0 | cs2 | -0.0200 [-0.2741, +0.2341] | -0.0200 [-0.2741, +0.2341] |",
     ]
+    assert per_replicate_deltas(table[table["variant"] != "full"], "full").empty  # no reference: nothing to pair, no error
     curation = replicate_deltas(table, "full").set_index(["replicate", "task"])
     assert curation.loc[("cs2", "A"), "delta_vs_reference"] == pytest.approx(0.0)  # (-0.10 + 0.10) / 2
     assert curation.loc[("cs2", "A"), "units"] == 2

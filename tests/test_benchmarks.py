@@ -215,7 +215,7 @@ def test_data_scale_quick(tmp_path):
 
 def test_shard_reads(tmp_path):
     """Not part of run_all (a measurement of the streamed path): its own --quick run; both readers
-    return the asked rows at every size."""
+    return the asked rows in the asked order at every size (the child checks each batch and fails)."""
     from benchmarks.shard_reads import QUICK_SIZES, READERS, main
 
     payload = main(["--quick", "--out", str(tmp_path), "--batches", "2"])
@@ -225,5 +225,6 @@ def test_shard_reads(tmp_path):
     assert [(p["reader"], p["rows"]) for p in points] == [(r, n) for n in QUICK_SIZES for r in READERS]
     for point in points:
         assert point["batch"] == 512 and len(point["seconds"]) == 2 and all(map(_positive, point["seconds"]))
+        assert _positive(point["shards_disk_mib"]) and (point["arrow_copy_disk_mib"] is None) == (point["reader"] == "row_groups")
     speedup, growth = payload["summary"]["rows"]
     assert _positive(speedup["value"]) and growth["goal"] == "<= 64"

@@ -22,7 +22,7 @@ from kalm_lib.data_cards import DataCardError, load_cards
 from kalm_lib.dedup import EXAMPLE_SCHEMA, NUM_PERM, CharShingleSignature, lsh_bands, minhash_config, parquet_files, shingles
 from kalm_lib.layout import DATA_CARDS_DIR, REPO_ROOT, RunLayout
 from kalm_lib.scale import StreamSettings, curate_stream, curate_streamed_sets, example_table, normalise_column, streamed_sets
-from kalm_lib.shards import ShardRows
+from kalm_lib.shards import ShardRows, write_arrow_copy
 from kalm_lib.sources import hub_batches, load_source
 
 PAPER = load_cards(DATA_CARDS_DIR / "paper")
@@ -187,7 +187,8 @@ def test_shard_rows_read_rows_in_the_asked_order(tmp_path):
     for i, start in enumerate(range(0, 25, 10)):
         pq.write_table(pa.Table.from_pandas(frame.iloc[start : start + 10], preserve_index=False), tmp_path / f"{i}.parquet",
                        row_group_size=4)
-    rows = ShardRows(parquet_files(tmp_path), tmp_path / "cache")
+    assert write_arrow_copy(parquet_files(tmp_path), tmp_path / "set.arrow") == 25
+    rows = ShardRows(tmp_path / "set.arrow")
     assert len(rows) == 25 and rows.min_list_length("negatives") == 1
     picked = rows.iloc[np.array([24, 0, 13, 3, 13])]
     assert picked["query"].tolist() == ["q24", "q0", "q13", "q3", "q13"]
@@ -195,6 +196,9 @@ def test_shard_rows_read_rows_in_the_asked_order(tmp_path):
     assert rows.head(2)["positive"].tolist() == ["p0", "p1"]
     with pytest.raises(IndexError):
         rows.take(np.array([25]))
+    assert rows.take(np.array([], dtype=np.int64)).columns.tolist() == frame.columns.tolist()
+    with pytest.raises(FileNotFoundError, match="no Arrow copy"):
+        ShardRows(tmp_path / "missing.arrow")
 
 
 def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tmp_path, monkeypatch):
@@ -221,7 +225,7 @@ def test_streamed_sets_are_curated_into_the_run_and_trained_from_their_shards(tm
     assert sorted(sets) == sorted(streamed)
     for name, (rows, card) in sets.items():
         assert isinstance(rows, ShardRows) and len(rows) == card.extra["size"] == 6, name
-        assert layout.arrow_cache(name).is_dir()  # memory-mapped from the run's own folder
+        assert layout.arrow_copy("pretrain", name).is_file()  # written by the curation, memory-mapped by training
         assert card.extra["file"] == f"pretrain/{name}"
         batch = make_batch(rows, card, np.array([5, 0, 2, 1]), negatives_per_query(rows, 3), 0, 1)
         source = pd.read_parquet(fixture(card.inputs[0]))
