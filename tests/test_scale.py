@@ -141,14 +141,17 @@ def hub_rows(rng, count: int, eval_texts: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"title": titles, "abstract": abstracts})
 
 
-def test_streamed_curation_filters_dedups_and_decontaminates(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streamed_curation_filters_dedups_and_decontaminates(tmp_path, workers):
+    """With one worker datatrove runs every task in this process; with two, in a process pool (as
+    ``data.curation_workers`` does): the same counts and rows either way."""
     rng = np.random.default_rng(1)
     eval_texts = [" ".join(rng.choice(WORDS, 10)) for _ in range(20)]
     frame = hub_rows(rng, 300, eval_texts)
     for i, start in enumerate(range(0, len(frame), 100)):
         frame.iloc[start : start + 100].to_parquet(tmp_path / f"part{i}.parquet")
     settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=0, seed=0,
-                              shard_rows=64)
+                              shard_rows=64, workers=workers)
     files = sorted(tmp_path.glob("part*.parquet"))
     counts = curate_stream(PAPER["pt_hub_s2orc_title_abstract"], PAPER["hub_s2orc_title_abstract"], settings, frozenset(),
                            frozenset(eval_texts), tmp_path / "out", tmp_path / "work", data_files=files)
