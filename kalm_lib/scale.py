@@ -7,9 +7,9 @@ The path the paper's hub sets need (S2ORC alone has 41.8M rows), for ``hub_pairs
    kernels (NFKC, white space collapsed, stripped).
 2. filter (datatrove, one task per shard): length filter -> decontamination (held-out words in any
    spelling, evaluation texts repeated as query, positive or negative) -> a seeded Bernoulli pool
-   of about twice the cap -> near-duplicates of evaluation texts (the in-memory path's MinHash LSH
-   index of the evaluation texts, ``eval_near_dup_threshold``; the index grows with the evaluation
-   texts, not with the set).
+   of about twice the cap -> near-duplicates of evaluation texts (the in-memory path's LSH test,
+   ``eval_near_dup_threshold``, as a :class:`~kalm_lib.eval_index.BandIndex` built once before the
+   tasks and memory-mapped by each; it grows with the evaluation texts, not with the set).
 3. de-duplicate: :func:`~kalm_lib.dedup.minhash_dedup` (exact duplicates included: equal texts
    share every band).
 4. cap: a second seeded Bernoulli draw of about ``cap`` rows when more are left.
@@ -33,16 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datasketch import MinHashLSH
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.stats import PipelineStats
 
 from .builders import word_key
 from .config import DataConfig
-from .curation import CurationResult, eval_text_index, file_sha256, flag_below_one_batch, sample_seed, signatures
+from .curation import CurationResult, file_sha256, flag_below_one_batch, sample_seed
 from .data_cards import DataCard, DataCardError, write_card
 from .dedup import EXAMPLE_SCHEMA, count_rows, minhash_dedup, parquet_files, row_reader, row_writer, run_steps
+from .eval_index import BandIndex
 from .layout import RunLayout
 from .shards import write_arrow_copy
 from .sources import DataFiles, hub_batches
@@ -157,25 +157,25 @@ class SampleFilter(BaseFilter):
 
 
 class EvalNearDuplicateFilter(BaseFilter):
-    """Drop rows whose query or positive is a near-duplicate of an evaluation text
-    (:func:`kalm_lib.curation.eval_text_index`, built once per task, and
-    :func:`~kalm_lib.curation.drop_eval_near_duplicates`'s test), a batch of rows at a time."""
+    """Drop rows whose query or positive is a near-duplicate of an evaluation text: the
+    :class:`~kalm_lib.eval_index.BandIndex` saved at ``index_path`` (built once before the tasks,
+    memory-mapped by each: the same test as :func:`~kalm_lib.curation.drop_eval_near_duplicates`),
+    a batch of rows at a time."""
 
     name = "eval near-duplicates"
 
-    def __init__(self, eval_texts: frozenset[str], threshold: float, batch_size: int = 2048) -> None:
+    def __init__(self, index_path: Path, batch_size: int = 2048) -> None:
         super().__init__(batch_size=batch_size)
-        self.eval_texts, self.threshold = eval_texts, threshold
-        self.index: MinHashLSH | None = None
+        self.index_path = index_path
+        self.index: BandIndex | None = None
 
     def filter(self, doc: Document) -> bool:
         return self.filter_batch([doc])[0]
 
     def filter_batch(self, batch: list[Document]) -> list[bool]:
         if self.index is None:
-            self.index = eval_text_index(self.eval_texts, self.threshold)
-        texts = [text for doc in batch for text in (doc.metadata["query"], doc.metadata["positive"])]
-        near = [bool(self.index.query(signature)) for signature in signatures(texts)]
+            self.index = BandIndex.load(self.index_path)
+        near = self.index.flags([text for doc in batch for text in (doc.metadata["query"], doc.metadata["positive"])])
         return [not (near[2 * i] or near[2 * i + 1]) for i in range(len(batch))]
 
 
@@ -207,7 +207,9 @@ def curate_stream(
     filters: list[BaseFilter] = [LengthFilter(settings.min_chars, settings.max_chars), DecontaminationFilter(eval_words, eval_texts)]
     if settings.cap:
         filters.append(SampleFilter(min(1.0, 2 * settings.cap / max(counts["built"], 1)), settings.seed))
-    filters.append(EvalNearDuplicateFilter(eval_texts, settings.eval_near_dup_threshold))
+    index_path = work / "eval_index.npy"
+    BandIndex.build(eval_texts, settings.eval_near_dup_threshold).save(index_path)
+    filters.append(EvalNearDuplicateFilter(index_path))
     stats = run_steps([row_reader(work / "source"), *filters, row_writer(work / "filtered", EXAMPLE_SCHEMA)],
                       len(parquet_files(work / "source")), settings.workers, work / "logs_filter")
     passed = dict(zip([f.name for f in filters], forwarded(stats, len(filters))))

@@ -163,6 +163,26 @@ def test_streamed_curation_filters_dedups_and_decontaminates(tmp_path, workers):
     assert kept["negatives"].map(len).eq(0).all()
 
 
+def test_streamed_curation_builds_no_lsh_index_in_its_tasks(tmp_path, monkeypatch):
+    """The evaluation index is built once (a BandIndex file) and loaded by each task; a task never
+    builds a MinHash LSH index (each of the paper's hundreds of tasks would index millions of texts)."""
+    import datasketch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a MinHash LSH index was built")
+
+    monkeypatch.setattr(datasketch.MinHashLSH, "insertion_session", refuse)
+    rng = np.random.default_rng(3)
+    eval_texts = [" ".join(rng.choice(WORDS, 10)) for _ in range(5)]
+    frame = hub_rows(rng, 100, eval_texts)
+    frame.to_parquet(tmp_path / "part.parquet")
+    settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=0, seed=0,
+                              shard_rows=40)
+    counts = curate_stream(PAPER["pt_hub_s2orc_title_abstract"], PAPER["hub_s2orc_title_abstract"], settings, frozenset(),
+                           frozenset(eval_texts), tmp_path / "out", tmp_path / "work", data_files=tmp_path / "part.parquet")
+    assert counts["eval_near_duplicates"] >= 1
+
+
 def test_streamed_curation_draws_a_pool_and_a_cap(tmp_path):
     rng = np.random.default_rng(2)
     frame = hub_rows(rng, 2000, ["unused eval text", "another one"])

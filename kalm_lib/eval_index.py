@@ -1,0 +1,87 @@
+"""The evaluation near-duplicate index as sorted band keys on disk, built once and memory-mapped.
+
+:func:`kalm_lib.curation.eval_text_index` (a datasketch ``MinHashLSH``) answers "does this text
+share an LSH band with an evaluation text?". The streamed curation asks it in every datatrove
+task; a ``MinHashLSH`` lives in one process, so each task (each Slurm or Ray job, each worker of
+the local executor) rebuilt it: at the paper's evaluation sets (millions of MTEB texts) hours per
+task. :class:`BandIndex` holds the same question's answer as arrays: for each of the b bands,
+the sorted 64-bit keys of the evaluation texts' band values, saved once as ``.npy`` and
+memory-mapped by every task. A text is flagged when, in some band i, its key is among the
+evaluation keys of band i, found by binary search.
+
+Bands and rows per band are the ``MinHashLSH``'s for the same threshold and weights, and a band
+key is h(v) = sum_j v_j * P^j mod 2^64 over the band's r MinHash values v_j (P a fixed odd 64-bit
+multiplier): equal bands give equal keys, so every text the ``MinHashLSH`` flags is flagged here;
+a text is flagged wrongly only when two different bands collide in 64 bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasketch import MinHashLSH
+
+from .curation import EVAL_INDEX_WEIGHTS, signatures
+from .dedup import NUM_PERM
+
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd, so each band value's multiplier is invertible mod 2^64
+
+
+def band_shape(threshold: float) -> tuple[int, int]:
+    """(bands, rows per band) of :func:`~kalm_lib.curation.eval_text_index` for ``threshold``."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """[texts, bands] uint64 keys h(v) = sum_j v_j * P^j mod 2^64 of each band's ``rows`` values."""
+    values = hashvalues[:, : bands * rows].astype(np.uint64).reshape(len(hashvalues), bands, rows)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+        powers = np.cumprod(np.full(rows, _MULTIPLIER, dtype=np.uint64), dtype=np.uint64)
+        return (values * powers).sum(axis=2, dtype=np.uint64)
+
+
+def text_keys(texts: list[str], bands: int, rows: int) -> np.ndarray:
+    """:func:`band_keys` of the texts' MinHash signatures (:func:`~kalm_lib.curation.signatures`)."""
+    if not texts:
+        return np.empty((0, bands), dtype=np.uint64)
+    return band_keys(np.stack([signature.hashvalues for signature in signatures(texts)]), bands, rows)
+
+
+@dataclass(frozen=True)
+class BandIndex:
+    """Per band, the sorted keys of the evaluation texts (``keys[i]``: band i)."""
+
+    keys: np.ndarray  # [bands, texts] uint64, each row sorted
+    rows: int  # MinHash values per band
+
+    @classmethod
+    def build(cls, texts: Iterable[str], threshold: float) -> BandIndex:
+        """The index of the (distinct) evaluation texts for ``threshold``."""
+        bands, rows = band_shape(threshold)
+        keys = text_keys(sorted(set(texts)), bands, rows)
+        return cls(np.sort(keys.T, axis=1), rows)
+
+    def save(self, path: Path) -> None:
+        """Write the keys as ``path`` (``.npy``; the rows per band in the file name's sibling ``.rows``)."""
+        np.save(path, self.keys)
+        path.with_suffix(".rows").write_text(str(self.rows))
+
+    @classmethod
+    def load(cls, path: Path) -> BandIndex:
+        """The index :meth:`save` wrote, its keys memory-mapped (nothing read until searched)."""
+        return cls(np.load(path, mmap_mode="r"), int(path.with_suffix(".rows").read_text()))
+
+    def flags(self, texts: list[str]) -> np.ndarray:
+        """Per text: does it share a band with an evaluation text (the ``MinHashLSH`` query)?"""
+        found = np.zeros(len(texts), dtype=bool)
+        if not self.keys.shape[1] or not texts:
+            return found
+        queried = text_keys(texts, self.keys.shape[0], self.rows)
+        for band, sorted_keys in enumerate(self.keys):
+            at = np.minimum(np.searchsorted(sorted_keys, queried[:, band]), len(sorted_keys) - 1)
+            found |= sorted_keys[at] == queried[:, band]
+        return found

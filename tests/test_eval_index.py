@@ -1,0 +1,50 @@
+"""The evaluation near-duplicate index on disk (issue #14): the same flags as the MinHash LSH
+index it stands for, memory-mapped after a save, and built once for the streamed curation."""
+
+import numpy as np
+import pytest
+
+from kalm_lib.curation import eval_text_index, signatures
+from kalm_lib.eval_index import BandIndex, band_keys, band_shape
+
+
+def texts_and_near_copies(seed: int) -> tuple[list[str], list[str]]:
+    """Evaluation texts and queries: a third unrelated, the rest copies with 0-3 words replaced."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(2000)]
+    evaluation = [" ".join(rng.choice(words, 12)) for _ in range(400)]
+    queries = []
+    for i in range(600):
+        tokens = list(rng.choice(words, 12)) if i % 3 == 0 else evaluation[rng.integers(len(evaluation))].split()
+        for _ in range(int(rng.integers(0, 4)) if i % 3 else 0):
+            tokens[rng.integers(len(tokens))] = str(rng.choice(words))
+        queries.append(" ".join(tokens))
+    return evaluation, queries
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_band_index_flags_what_the_lsh_index_flags(tmp_path, threshold):
+    evaluation, queries = texts_and_near_copies(0)
+    lsh = eval_text_index(evaluation, threshold)
+    expected = np.array([bool(lsh.query(signature)) for signature in signatures(queries)])
+    index = BandIndex.build(evaluation, threshold)
+    assert index.keys.shape == (band_shape(threshold)[0], len(set(evaluation)))
+    index.save(tmp_path / "index.npy")
+    loaded = BandIndex.load(tmp_path / "index.npy")
+    assert isinstance(loaded.keys, np.memmap) and loaded.rows == index.rows
+    flags = loaded.flags(queries)
+    assert 0 < flags.sum() < len(queries) and np.array_equal(flags, expected)
+
+
+def test_band_keys_are_the_hand_computed_polynomial():
+    values = np.array([[1, 2, 3, 4, 5, 6]], dtype=np.uint64)
+    p = 0x9E3779B97F4A7C15
+    expected = [(1 * p + 2 * p**2 + 3 * p**3) % 2**64, (4 * p + 5 * p**2 + 6 * p**3) % 2**64]
+    assert band_keys(values, bands=2, rows=3).tolist() == [expected]
+
+
+def test_an_empty_index_flags_nothing(tmp_path):
+    index = BandIndex.build([], 0.8)
+    index.save(tmp_path / "empty.npy")
+    assert not BandIndex.load(tmp_path / "empty.npy").flags(["any text at all"]).any()
+    assert BandIndex.build(["a text"], 0.8).flags([]).size == 0
