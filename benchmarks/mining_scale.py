@@ -33,7 +33,7 @@ import numpy as np
 from kalm_lib.layout import REPO_ROOT
 from kalm_lib.mining import MiningConfig, top_ranked
 
-from .common import headline, out_dir, parser, set_threads, write_result
+from .common import device, headline, out_dir, parser, set_threads, write_result
 from .memory import MIB, RssMeter, settle
 
 NAME = "mining_scale"
@@ -55,6 +55,7 @@ class Point:
     block_pool: int
     threads: int
     seed: int
+    device: str = "cpu"  # where the ranking runs (the GPU when there is one)
 
 
 def unit_vectors(count: int, rng: np.random.Generator, chunk: int = 65536) -> np.ndarray:
@@ -77,7 +78,7 @@ def child(point: Point) -> dict[str, Any]:
     settle()
     meter = RssMeter()
     began = time.perf_counter()
-    ranked = top_ranked(queries, pool, k, cfg)
+    ranked = top_ranked(queries, pool, k, cfg, point.device)
     seconds = time.perf_counter() - began
     meter.read()
     assert ranked.shape == (point.rows, k)
@@ -136,10 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = set_threads(args.threads)
     sizes = [parse_size(s) for s in args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)]
     block_queries, block_pool = QUICK_BLOCKS if args.quick else (WINDOW.block_queries, WINDOW.block_pool)
-    points = [measure(Point(rows, pool, block_queries, block_pool, threads, args.seed)) for rows, pool in sizes]
+    where = str(device())
+    points = [measure(Point(rows, pool, block_queries, block_pool, threads, args.seed, where)) for rows, pool in sizes]
     settings = {"sizes": [f"{r}x{p}" for r, p in sizes], "dim": DIM, "block_queries": block_queries, "block_pool": block_pool,
                 "rank_min": WINDOW.rank_min, "rank_max": WINDOW.rank_max, "banned_margin": WINDOW.banned_margin,
-                "score_decimals": WINDOW.score_decimals, "threads": threads, "seed": args.seed, "quick": args.quick,
+                "score_decimals": WINDOW.score_decimals, "threads": threads, "device": where, "seed": args.seed, "quick": args.quick,
                 "growth_goal_mib": GROWTH_GOAL_MIB, "ranking": "kalm_lib.mining.top_ranked (exact, blocked)"}
     return write_result(out, NAME, settings, {"points": points}, summarise(points))
 

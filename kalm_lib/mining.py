@@ -136,7 +136,7 @@ def ranking_keys(scores: torch.Tensor, pool_offset: int, decimals: int) -> torch
     key = round(score * 10^decimals) * 2^32 - (pool_offset + column): unique per candidate, so
     ``topk`` on keys is exact and independent of the kernel's tie handling.
     """
-    index = torch.arange(scores.shape[1], dtype=torch.long) + pool_offset
+    index = torch.arange(scores.shape[1], dtype=torch.long, device=scores.device) + pool_offset
     return (quantised(scores, decimals) << _TIE_BITS) - index
 
 
@@ -172,8 +172,9 @@ def keys_above(scores: torch.Tensor, pool_offset: int, floor: torch.Tensor, deci
     threshold = ((floor.double() + 0.5) / 10**decimals - 1e-6).float()
     rows, columns = (scores >= threshold[:, None]).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=len(scores))
-    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # rank of the column within its row
-    keys = torch.full((len(scores), int(counts.max()) if len(rows) else 0), torch.iinfo(torch.long).min, dtype=torch.long)
+    slot = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, 0) - counts)[rows]  # rank of the column within its row
+    keys = torch.full((len(scores), int(counts.max()) if len(rows) else 0), torch.iinfo(torch.long).min, dtype=torch.long,
+                      device=scores.device)
     keys[rows, slot] = (quantised(scores[rows, columns], decimals) << _TIE_BITS) - (columns + pool_offset)
     return keys
 
@@ -186,10 +187,11 @@ def grid_of(keys: torch.Tensor) -> torch.Tensor:
 def pool_indices(keys: torch.Tensor) -> np.ndarray:
     """The pool index each :func:`ranking_keys` key carries in its low 32 bits."""
     low = keys & ((1 << _TIE_BITS) - 1)
-    return (((1 << _TIE_BITS) - low) % (1 << _TIE_BITS)).numpy()
+    return (((1 << _TIE_BITS) - low) % (1 << _TIE_BITS)).cpu().numpy()
 
 
-def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig) -> np.ndarray:
+def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig,
+               device: torch.device | str = "cpu") -> np.ndarray:
     """[Q, k] pool indices of each query's k best candidates by :func:`ranking_keys`, best first.
 
     Blocked and exact: for each block of ``cfg.block_queries`` queries, the pool is scanned
@@ -201,13 +203,17 @@ def top_ranked(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: Minin
     it ranks below it. Keys are unique, so the result equals ranking each full row of the
     queries x pool matrix, ties included, for any block sizes; memory is
     O(block_queries x (block_pool + k)) beside the embeddings, whatever Q and the pool size.
+
+    On ``device`` (e.g. the encoder's GPU): the pool is copied there once, each query block as it
+    is scored; only the [Q, k] indices come back. Float kernels differ by device; the rounded
+    ranking keys absorb that except at a rounding boundary (as across CPUs).
     """
     k = min(k, len(pool_vecs))
-    pool = torch.from_numpy(pool_vecs)
+    pool = torch.from_numpy(pool_vecs).to(device)
     out = np.empty((len(query_vecs), k), dtype=np.int64)
     for q0 in range(0, len(query_vecs), cfg.block_queries):
-        queries = torch.from_numpy(query_vecs[q0 : q0 + cfg.block_queries])
-        best = torch.empty(len(queries), 0, dtype=torch.long)
+        queries = torch.from_numpy(query_vecs[q0 : q0 + cfg.block_queries]).to(device)
+        best = torch.empty(len(queries), 0, dtype=torch.long, device=device)
         for p0 in range(0, len(pool), cfg.block_pool):
             scores = queries @ pool[p0 : p0 + cfg.block_pool].T
             if best.shape[1] < k:
@@ -226,10 +232,11 @@ def encode_sharded(encoder: Encoder, texts: Sequence[str], batch_size: int) -> n
     return gather_rows(encoder.encode(list(texts[shard(len(texts))]), batch_size))
 
 
-def top_ranked_sharded(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig) -> np.ndarray:
-    """:func:`top_ranked` with the queries split into one contiguous shard per process, gathered in
-    order (every process gets the whole [Q, k]); :func:`top_ranked` itself on one process."""
-    return gather_rows(top_ranked(query_vecs[shard(len(query_vecs))], pool_vecs, k, cfg))
+def top_ranked_sharded(query_vecs: np.ndarray, pool_vecs: np.ndarray, k: int, cfg: MiningConfig,
+                       device: torch.device | str = "cpu") -> np.ndarray:
+    """:func:`top_ranked` (on ``device``) with the queries split into one contiguous shard per process,
+    gathered in order (every process gets the whole [Q, k]); :func:`top_ranked` itself on one process."""
+    return gather_rows(top_ranked(query_vecs[shard(len(query_vecs))], pool_vecs, k, cfg, device))
 
 
 def _on_grid(score: float, decimals: int) -> int:
@@ -285,7 +292,7 @@ def mine_hard_negatives(
     query_vecs = encode_sharded(encoder, [format_instructed(card.instruction, q) for q in frame["query"]], batch_size)
     position = {text: i for i, text in enumerate(pool)}
     positive_scores = np.einsum("qd,qd->q", query_vecs, pool_vecs[[position[p] for p in frame["positive"]]])
-    ranked = top_ranked_sharded(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg)
+    ranked = top_ranked_sharded(query_vecs, pool_vecs, cfg.rank_max + cfg.banned_margin, cfg, encoder.device)
 
     keep, mined, padded = [], [], 0
     for row, (query, positive, given) in enumerate(zip(frame["query"], frame["positive"], frame["negatives"])):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from spawned_ranks import gloo_group, run_ranks
 
 from kalm_lib.builders import synonym_triples
@@ -27,6 +28,8 @@ QUERY_MARK = "\n Query: "
 
 class TableEncoder:
     """Embeds a text by looking up its bare form (the instruction prefix removed) in a table."""
+
+    device = torch.device("cpu")  # where mining ranks (the Encoder's device)
 
     def __init__(self, table: dict[str, np.ndarray]) -> None:
         self.table = table
