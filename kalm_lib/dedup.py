@@ -61,10 +61,10 @@ def shingles(text: str, width: int = SHINGLE_WIDTH) -> list[bytes]:
     return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
 
 
-def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-    """(bands, rows per band) datasketch's MinHashLSH chooses for ``threshold`` (equal weights of
-    false positives and false negatives), so both engines cut at the same Jaccard."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+def lsh_bands(threshold: float, num_perm: int = NUM_PERM, weights: tuple[float, float] = (0.5, 0.5)) -> tuple[int, int]:
+    """(bands, rows per band) datasketch's MinHashLSH chooses for ``threshold`` and (false positive,
+    false negative) ``weights`` (equal by default), so both engines cut at the same Jaccard."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=weights)
     return lsh.b, lsh.r
 
 

@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHashLSH
 
 from .curation import EVAL_INDEX_WEIGHTS, signatures
-from .dedup import NUM_PERM
+from .dedup import NUM_PERM, lsh_bands
 
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd, so each band value's multiplier is invertible mod 2^64
 
 
 def band_shape(threshold: float) -> tuple[int, int]:
     """(bands, rows per band) of :func:`~kalm_lib.curation.eval_text_index` for ``threshold``."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
-    return lsh.b, lsh.r
+    return lsh_bands(threshold, NUM_PERM, EVAL_INDEX_WEIGHTS)
 
 
 def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
