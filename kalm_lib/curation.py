@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from datasets import Dataset
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHashLSH
 from pandas.api.types import is_string_dtype
 
 from .batching import TrainRows
@@ -47,7 +47,8 @@ from .builders import (
 )
 from .config import DataConfig
 from .data_cards import DataCard, DataCardError, load_cards, write_card
-from .dedup import NUM_PERM, near_dedup_shards, shingles
+from .dedup import NUM_PERM, near_dedup_shards, signatures
+from .eval_index import BandIndex
 from .layout import RunLayout
 from .outputs import write_output
 from .shards import ShardRows
@@ -59,10 +60,6 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 _SPACE = re.compile(r"\s+")
 _NOT_TEXT = re.compile(r"(?:.*[-_])?(?:id|qid|docid|labels?)", re.IGNORECASE)  # mteb columns holding ids or labels
-# LSH (false positive, false negative) weights of the evaluation index: missing a copy of an
-# evaluation text costs more than dropping a training row. At threshold 0.8 a training text is
-# dropped with probability ~0.88 at Jaccard 0.8, 0.97 at 0.85, > 0.99 at 0.9; ~0.5 at 0.7, ~0.2 at 0.6.
-EVAL_INDEX_WEIGHTS = (0.1, 0.9)
 _EVAL_SIZE = {
     "definition_retrieval_task": "eval_retrieval_queries",
     "synonym_antonym_task": "eval_pairs",
@@ -101,29 +98,11 @@ def decontaminate(frame: pd.DataFrame, eval_words: frozenset[str], eval_texts: f
     return frame[~(touches_word | repeats_text | negative_hit)]
 
 
-def signatures(texts: Sequence[str]) -> list[MinHash]:
-    """MinHash signatures (:data:`~kalm_lib.dedup.NUM_PERM` permutations) of the texts'
-    :func:`~kalm_lib.dedup.shingles`, in bulk."""
-    return MinHash.bulk([shingles(text) for text in texts], num_perm=NUM_PERM)
-
-
-def eval_text_index(texts: Iterable[str], threshold: float) -> MinHashLSH:
-    """MinHash LSH index of evaluation texts (:func:`_shingles`): a query returns those whose
-    shingle Jaccard with the queried text is about ``threshold`` or more, tuned for recall
-    (:data:`EVAL_INDEX_WEIGHTS`)."""
-    index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
-    unique = sorted(set(texts))
-    with index.insertion_session() as session:
-        for key, signature in enumerate(signatures(unique)):
-            session.insert(str(key), signature)
-    return index
-
-
-def drop_eval_near_duplicates(frame: pd.DataFrame, index: MinHashLSH) -> pd.DataFrame:
-    """Drop rows whose query or positive is a near-duplicate (:func:`eval_text_index`) of an
-    evaluation text."""
-    texts = pd.unique(pd.concat([frame["query"], frame["positive"]]))
-    near = {text for text, signature in zip(texts, signatures(texts)) if index.query(signature)}
+def drop_eval_near_duplicates(frame: pd.DataFrame, index: BandIndex) -> pd.DataFrame:
+    """Drop rows whose query or positive shares an LSH band with an evaluation text
+    (:meth:`~kalm_lib.eval_index.BandIndex.flags`: shingle Jaccard about the index's threshold or more)."""
+    texts = pd.unique(pd.concat([frame["query"], frame["positive"]])).tolist()
+    near = {text for text, flagged in zip(texts, index.flags(texts)) if flagged}
     return frame[~(frame["query"].isin(near) | frame["positive"].isin(near))]
 
 
@@ -285,7 +264,7 @@ def curate(
     eval_words = frozenset().union(*(t.words for t in result.evals.values()))
     eval_texts = frozenset().union(*(t.texts for t in result.evals.values()), map(normalise, extra_eval_texts))
     result.eval_words, result.eval_texts = eval_words, eval_texts
-    index = eval_text_index(eval_texts, cfg.eval_near_dup_threshold)
+    index = BandIndex.build(eval_texts, cfg.eval_near_dup_threshold)
     for name, card in derived.items():
         if card.stage != "eval":
             cap = cfg.max_stage1_pairs_per_source if card.stage == "pretrain" else cfg.max_stage2_per_source
@@ -321,7 +300,7 @@ def _curate_train(
     rng: np.random.Generator,
     eval_words: frozenset[str],
     eval_texts: frozenset[str],
-    eval_index: MinHashLSH,
+    eval_index: BandIndex,
     summary: list[dict],
 ) -> pd.DataFrame:
     """Apply the filter chain to one training set, logging counts into ``summary``."""

@@ -61,6 +61,11 @@ def shingles(text: str, width: int = SHINGLE_WIDTH) -> list[bytes]:
     return [g.encode() for g in {canonical[i : i + width] for i in range(max(1, len(canonical) - width + 1))}]
 
 
+def signatures(texts: Sequence[str]) -> list[MinHash]:
+    """MinHash signatures (:data:`NUM_PERM` permutations) of the texts' :func:`shingles`, in bulk."""
+    return MinHash.bulk([shingles(text) for text in texts], num_perm=NUM_PERM)
+
+
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM, weights: tuple[float, float] = (0.5, 0.5)) -> tuple[int, int]:
     """(bands, rows per band) datasketch's MinHashLSH chooses for ``threshold`` and (false positive,
     false negative) ``weights`` (equal by default), so both engines cut at the same Jaccard."""

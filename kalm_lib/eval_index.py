@@ -1,18 +1,20 @@
-"""The evaluation near-duplicate index as sorted band keys on disk, built once and memory-mapped.
+"""The evaluation near-duplicate index as sorted band keys, built once and memory-mapped.
 
-:func:`kalm_lib.curation.eval_text_index` (a datasketch ``MinHashLSH``) answers "does this text
-share an LSH band with an evaluation text?". The streamed curation asks it in every datatrove
-task; a ``MinHashLSH`` lives in one process, so each task (each Slurm or Ray job, each worker of
-the local executor) rebuilt it: at the paper's evaluation sets (millions of MTEB texts) hours per
-task. :class:`BandIndex` holds the same question's answer as arrays: for each of the b bands,
-the sorted 64-bit keys of the evaluation texts' band values, saved once as ``.npy`` and
-memory-mapped by every task. A text is flagged when, in some band i, its key is among the
-evaluation keys of band i, found by binary search.
+Training rows whose query or positive is a near-duplicate of an evaluation text are dropped, in
+the in-memory curation (:func:`kalm_lib.curation.drop_eval_near_duplicates`) and in every task of
+the streamed one (:mod:`kalm_lib.scale`). The test is MinHash LSH over the character shingles of
+:mod:`kalm_lib.dedup`: a text is flagged when one of its b bands of r MinHash values equals that
+band of an evaluation text. A datasketch ``MinHashLSH`` answers it but lives in one process, so
+each datatrove task (each Slurm or Ray job) rebuilt it: at the paper's evaluation sets (millions
+of MTEB texts) hours per task. :class:`BandIndex` holds the answer as arrays: for each band, the
+sorted 64-bit keys of the evaluation texts' band values, saved once as ``.npy`` and memory-mapped
+by every task, searched by bisection.
 
-Bands and rows per band are the ``MinHashLSH``'s for the same threshold and weights, and a band
-key is h(v) = sum_j v_j * P^j mod 2^64 over the band's r MinHash values v_j (P a fixed odd 64-bit
-multiplier): equal bands give equal keys, so every text the ``MinHashLSH`` flags is flagged here;
-a text is flagged wrongly only when two different bands collide in 64 bits.
+Bands and rows per band are those datasketch's ``MinHashLSH`` picks for the same threshold and
+:data:`EVAL_INDEX_WEIGHTS`, and a band key is h(v) = sum_j v_j * P^j mod 2^64 over the band's r
+MinHash values v_j (P a fixed odd 64-bit multiplier): equal bands give equal keys, so every text
+the ``MinHashLSH`` flags is flagged here (tested against it); a text is flagged wrongly only when
+two different bands collide in 64 bits.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .curation import EVAL_INDEX_WEIGHTS, signatures
-from .dedup import NUM_PERM, lsh_bands
+from .dedup import NUM_PERM, lsh_bands, signatures
 
+# LSH (false positive, false negative) weights of the evaluation index: missing a copy of an
+# evaluation text costs more than dropping a training row. At threshold 0.8 a training text is
+# dropped with probability ~0.88 at Jaccard 0.8, 0.97 at 0.85, > 0.99 at 0.9; ~0.5 at 0.7, ~0.2 at 0.6.
+EVAL_INDEX_WEIGHTS = (0.1, 0.9)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd, so each band value's multiplier is invertible mod 2^64
 
 
 def band_shape(threshold: float) -> tuple[int, int]:
-    """(bands, rows per band) of :func:`~kalm_lib.curation.eval_text_index` for ``threshold``."""
+    """(bands, rows per band) a ``MinHashLSH`` with :data:`EVAL_INDEX_WEIGHTS` uses for ``threshold``."""
     return lsh_bands(threshold, NUM_PERM, EVAL_INDEX_WEIGHTS)
 
 
@@ -43,7 +48,7 @@ def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def text_keys(texts: list[str], bands: int, rows: int) -> np.ndarray:
-    """:func:`band_keys` of the texts' MinHash signatures (:func:`~kalm_lib.curation.signatures`)."""
+    """:func:`band_keys` of the texts' MinHash signatures (:func:`~kalm_lib.dedup.signatures`)."""
     if not texts:
         return np.empty((0, bands), dtype=np.uint64)
     return band_keys(np.stack([signature.hashvalues for signature in signatures(texts)]), bands, rows)

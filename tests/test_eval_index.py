@@ -1,11 +1,13 @@
-"""The evaluation near-duplicate index on disk (issue #14): the same flags as the MinHash LSH
-index it stands for, memory-mapped after a save, and built once for the streamed curation."""
+"""The evaluation near-duplicate index on disk (issue #14): the same flags as a datasketch MinHash
+LSH index with the same threshold and weights, memory-mapped after a save, built once for the
+streamed curation and used by the in-memory one."""
 
 import numpy as np
 import pytest
+from datasketch import MinHashLSH
 
-from kalm_lib.curation import eval_text_index, signatures
-from kalm_lib.eval_index import BandIndex, band_keys, band_shape
+from kalm_lib.dedup import NUM_PERM, signatures
+from kalm_lib.eval_index import EVAL_INDEX_WEIGHTS, BandIndex, band_keys, band_shape
 
 
 def texts_and_near_copies(seed: int) -> tuple[list[str], list[str]]:
@@ -25,7 +27,9 @@ def texts_and_near_copies(seed: int) -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
 def test_band_index_flags_what_the_lsh_index_flags(tmp_path, threshold):
     evaluation, queries = texts_and_near_copies(0)
-    lsh = eval_text_index(evaluation, threshold)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=EVAL_INDEX_WEIGHTS)
+    for key, signature in enumerate(signatures(sorted(set(evaluation)))):
+        lsh.insert(str(key), signature)
     expected = np.array([bool(lsh.query(signature)) for signature in signatures(queries)])
     index = BandIndex.build(evaluation, threshold)
     assert index.keys.shape == (band_shape(threshold)[0], len(set(evaluation)))
