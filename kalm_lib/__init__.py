@@ -20,8 +20,9 @@ Data
     sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets, also streamed)
     builders        source tables -> training examples and held-out evaluation payloads
     dedup           MinHash near-duplicate removal on datatrove over Parquet shards (local executor)
+    eval_index      the evaluation near-duplicate index as sorted band keys, built once, memory-mapped
     curation        normalise, filter, de-duplicate, decontaminate, cap; write shards and cards
-    shards          a training set as Parquet shards, read a batch at a time
+    shards          a training set as Parquet shards, read a batch at a time from their memory-mapped Arrow copy
     scale           streamed curation of hub sets to Parquet shards (datatrove filters and dedup)
     mining          hard negatives from the stage-1 model's ranking of a candidate pool; quality table
 

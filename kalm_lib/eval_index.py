@@ -47,11 +47,13 @@ def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
         return (values * powers).sum(axis=2, dtype=np.uint64)
 
 
-def text_keys(texts: list[str], bands: int, rows: int) -> np.ndarray:
-    """:func:`band_keys` of the texts' MinHash signatures (:func:`~kalm_lib.dedup.signatures`)."""
-    if not texts:
-        return np.empty((0, bands), dtype=np.uint64)
-    return band_keys(np.stack([signature.hashvalues for signature in signatures(texts)]), bands, rows)
+def text_keys(texts: list[str], bands: int, rows: int, block: int = 10_000) -> np.ndarray:
+    """:func:`band_keys` of the texts' MinHash signatures (:func:`~kalm_lib.dedup.signatures`),
+    ``block`` texts at a time: only one block's shingles and MinHash objects exist at once (the
+    paper profile indexes millions of MTEB texts), the result is [texts, bands] uint64."""
+    keys = [band_keys(np.stack([signature.hashvalues for signature in signatures(texts[start : start + block])]), bands, rows)
+            for start in range(0, len(texts), block)]
+    return np.concatenate(keys) if keys else np.empty((0, bands), dtype=np.uint64)
 
 
 @dataclass(frozen=True)

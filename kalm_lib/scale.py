@@ -7,7 +7,8 @@ The path the paper's hub sets need (S2ORC alone has 41.8M rows), for ``hub_pairs
    kernels (NFKC, white space collapsed, stripped).
 2. filter (datatrove, one task per shard): length filter -> decontamination (held-out words in any
    spelling, evaluation texts repeated as query, positive or negative) -> a seeded Bernoulli pool
-   of about twice the cap -> near-duplicates of evaluation texts (the in-memory path's LSH test,
+   of about twice the cap of the rows left (with a cap, the cleaning runs as its own pass first,
+   so the pool's rate is known) -> near-duplicates of evaluation texts (the in-memory path's LSH test,
    ``eval_near_dup_threshold``, as a :class:`~kalm_lib.eval_index.BandIndex` built once before the
    tasks and memory-mapped by each; it grows with the evaluation texts, not with the set).
 3. de-duplicate: :func:`~kalm_lib.dedup.minhash_dedup` (exact duplicates included: equal texts
@@ -204,15 +205,17 @@ def curate_stream(
     shutil.rmtree(out, ignore_errors=True)
     counts: dict[str, int | str] = {"set": card.name, "stage": card.stage}
     counts["built"] = write_source_shards(source, work / "source", settings.shard_rows, data_files)
-    filters: list[BaseFilter] = [LengthFilter(settings.min_chars, settings.max_chars), DecontaminationFilter(eval_words, eval_texts)]
-    if settings.cap:
-        filters.append(SampleFilter(min(1.0, 2 * settings.cap / max(counts["built"], 1)), settings.seed))
     index_path = work / "eval_index.npy"
     BandIndex.build(eval_texts, settings.eval_near_dup_threshold).save(index_path)
-    filters.append(EvalNearDuplicateFilter(index_path))
-    stats = run_steps([row_reader(work / "source"), *filters, row_writer(work / "filtered", EXAMPLE_SCHEMA)],
-                      len(parquet_files(work / "source")), settings.workers, work / "logs_filter")
-    passed = dict(zip([f.name for f in filters], forwarded(stats, len(filters))))
+    cleaning: list[BaseFilter] = [LengthFilter(settings.min_chars, settings.max_chars), DecontaminationFilter(eval_words, eval_texts)]
+    near = EvalNearDuplicateFilter(index_path)
+    if settings.cap:  # the pool's rate needs the rows the cleaning left: two passes
+        passed = _filter(work / "source", work / "clean", cleaning, settings.workers, work / "logs_clean")
+        rate = min(1.0, 2 * settings.cap / max(passed["decontamination"], 1))
+        passed |= _filter(work / "clean", work / "filtered", [SampleFilter(rate, settings.seed), near], settings.workers,
+                          work / "logs_filter")
+    else:
+        passed = _filter(work / "source", work / "filtered", [*cleaning, near], settings.workers, work / "logs_filter")
     counts["after_length"], counts["after_decontamination"] = passed["length"], passed["decontamination"]
     pool = passed.get("sample", passed["decontamination"])
     counts["eval_near_duplicates"] = pool - passed["eval near-duplicates"]
@@ -225,6 +228,13 @@ def curate_stream(
     if not counts["kept"]:
         raise DataCardError(f"{card.path}: derived set {card.name!r} is empty after curation")
     return counts
+
+
+def _filter(source: Path, target: Path, filters: list[BaseFilter], workers: int, logs: Path) -> dict[str, int]:
+    """Run ``filters`` over the shards under ``source`` into shards under ``target`` (one datatrove
+    task per shard); the rows each filter passed on, by its name."""
+    stats = run_steps([row_reader(source), *filters, row_writer(target, EXAMPLE_SCHEMA)], len(parquet_files(source)), workers, logs)
+    return dict(zip([f.name for f in filters], forwarded(stats, len(filters))))
 
 
 def _cap(source: Path, out: Path, work: Path, settings: StreamSettings, rows: int) -> None:

@@ -7,7 +7,7 @@ import pytest
 from datasketch import MinHashLSH
 
 from kalm_lib.dedup import NUM_PERM, signatures
-from kalm_lib.eval_index import EVAL_INDEX_WEIGHTS, BandIndex, band_keys, band_shape
+from kalm_lib.eval_index import EVAL_INDEX_WEIGHTS, BandIndex, band_keys, band_shape, text_keys
 
 
 def texts_and_near_copies(seed: int) -> tuple[list[str], list[str]]:
@@ -52,3 +52,10 @@ def test_an_empty_index_flags_nothing(tmp_path):
     index.save(tmp_path / "empty.npy")
     assert not BandIndex.load(tmp_path / "empty.npy").flags(["any text at all"]).any()
     assert BandIndex.build(["a text"], 0.8).flags([]).size == 0
+
+
+def test_text_keys_are_the_same_whatever_the_block():
+    evaluation, _ = texts_and_near_copies(1)
+    whole = text_keys(evaluation, 9, 4, block=len(evaluation))
+    assert whole.shape == (len(evaluation), 9)
+    assert np.array_equal(text_keys(evaluation, 9, 4, block=7), whole)

@@ -171,7 +171,8 @@ def test_streamed_curation_builds_no_lsh_index_in_its_tasks(tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise AssertionError("a MinHash LSH index was built")
 
-    monkeypatch.setattr(datasketch.MinHashLSH, "insertion_session", refuse)
+    for method in ("insert", "insertion_session"):  # an LSH index is filled one way or the other
+        monkeypatch.setattr(datasketch.MinHashLSH, method, refuse)
     rng = np.random.default_rng(3)
     eval_texts = [" ".join(rng.choice(WORDS, 10)) for _ in range(5)]
     frame = hub_rows(rng, 100, eval_texts)
@@ -193,6 +194,23 @@ def test_streamed_curation_draws_a_pool_and_a_cap(tmp_path):
     assert 500 < counts["after_near_dedup_of_pool"] < 700  # about twice the cap
     assert 240 < counts["kept"] < 360  # about the cap (binomial)
     assert len(read_rows(tmp_path / "out")) == counts["kept"]
+
+
+def test_streamed_pool_is_about_twice_the_cap_of_the_rows_that_pass_the_filters(tmp_path):
+    """The pool's rate is set from the rows left after the length filter and decontamination, as
+    the in-memory path draws its pool after them: with three rows in four too long, the cap is
+    still met (a rate from the rows built would pool about 2 x cap / 4 and keep half the cap)."""
+    rng = np.random.default_rng(4)
+    frame = hub_rows(rng, 2000, ["unused eval text", "another one"])
+    long_rows = rng.permutation(len(frame))[:1500]
+    frame.loc[long_rows, "abstract"] = [" ".join(rng.choice(WORDS, 150)) for _ in long_rows]  # about 600 characters
+    frame.to_parquet(tmp_path / "part.parquet")
+    settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=300, seed=0)
+    counts = curate_stream(PAPER["pt_hub_s2orc_title_abstract"], PAPER["hub_s2orc_title_abstract"], settings, frozenset(),
+                           frozenset(), tmp_path / "out", tmp_path / "work", data_files=tmp_path / "part.parquet")
+    assert 490 <= counts["after_length"] <= 505 and counts["after_decontamination"] == counts["after_length"]
+    assert counts["after_near_dedup_of_pool"] >= 490  # 2 x cap > the rows left: all of them pooled
+    assert 240 < counts["kept"] < 360  # about the cap (binomial)
 
 
 def test_streamed_curation_takes_hub_pairs_cards_only(tmp_path):

@@ -30,7 +30,7 @@ def test_tables_compute_cost_per_million_rows_and_rates(tmp_path):
     (tmp_path / "data_scale.json").write_text(json.dumps(data))
     (tmp_path / "mining_scale.json").write_text(json.dumps(mining))
     text = tables(tmp_path)
-    # 1e6 x 150 / 2e5 = 750 wall s and 1e6 x 100 / 2e5 = 500 CPU s per million rows; 2e6 x 2.4e3 / 4e6 = 600 and 500
+    # 1e6 x 150 / 2e5 = 750 wall s and 1e6 x 100 / 2e5 = 500 CPU s per million rows; 1e6 x 2.4e3 / 4e6 = 600 and 1e6 x 2e3 / 4e6 = 500
     assert "| 200,000 | 150 | 100 | 500 | 360 | 750 | 500 | 199,993 |" in text
     assert "| 4,000,000 | 2,400 | 2,000 | 600 | 360 | 600 | 500 | 3,999,993 |" in text
     assert "- peak RSS ratio: 1.2 (goal <= 1.5, met: yes)" in text
