@@ -1,24 +1,29 @@
-"""The evaluation near-duplicate index as sorted band keys, built once and memory-mapped.
+"""The evaluation indexes of the curation as sorted 64-bit keys, built once and memory-mapped.
 
-Training rows whose query or positive is a near-duplicate of an evaluation text are dropped, in
-the in-memory curation (:func:`kalm_lib.curation.drop_eval_near_duplicates`) and in every task of
-the streamed one (:mod:`kalm_lib.scale`). The test is MinHash LSH over the character shingles of
-:mod:`kalm_lib.dedup`: a text is flagged when one of its b bands of r MinHash values equals that
-band of an evaluation text. A datasketch ``MinHashLSH`` answers it but lives in one process, so
-each datatrove task (each Slurm or Ray job) rebuilt it: at the paper's evaluation sets (millions
-of MTEB texts) hours per task. :class:`BandIndex` holds the answer as arrays: for each band, the
-sorted 64-bit keys of the evaluation texts' band values, saved once as ``.npy`` and memory-mapped
-by every task, searched by bisection.
+A streamed curation asks, in every datatrove task (each worker of the local executor, each Slurm
+or Ray job), whether a training row repeats an evaluation text, touches a held-out word, or is a
+near-duplicate of an evaluation text. Python sets and a datasketch ``MinHashLSH`` live in one
+process, so each task would get its own copy (pickled) or rebuild it: at the paper's evaluation
+sets (millions of MTEB texts) gigabytes per worker and hours per task. Here each answer is a sorted
+uint64 array saved once as ``.npy`` and memory-mapped by every task, searched by bisection:
 
-Bands and rows per band are those datasketch's ``MinHashLSH`` picks for the same threshold and
-:data:`EVAL_INDEX_WEIGHTS`, and a band key is h(v) = sum_j v_j * P^j mod 2^64 over the band's r
-MinHash values v_j (P a fixed odd 64-bit multiplier): equal bands give equal keys, so every text
-the ``MinHashLSH`` flags is flagged here (tested against it); a text is flagged wrongly only when
-two different bands collide in 64 bits.
+- :class:`TextHashes`: exact membership of texts (or word keys) by a 64-bit BLAKE2b digest.
+- :class:`BandIndex`: the near-duplicate test of both curation paths
+  (:func:`kalm_lib.curation.drop_eval_near_duplicates` and :mod:`kalm_lib.scale`), MinHash LSH over
+  the character shingles of :mod:`kalm_lib.dedup`: a text is flagged when one of its b bands of r
+  MinHash values equals that band of an evaluation text. For each band it holds the sorted keys of
+  the evaluation texts' band values. Bands and rows per band are those datasketch's ``MinHashLSH``
+  picks for the same threshold and :data:`EVAL_INDEX_WEIGHTS`, and a band key is
+  h(v) = sum_j v_j * P^j mod 2^64 over the band's r MinHash values v_j (P a fixed odd 64-bit
+  multiplier): equal bands give equal keys, so every text the ``MinHashLSH`` flags is flagged here
+  (tested against it).
+
+Either flags a text wrongly only when two different texts (or bands) collide in 64 bits.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +95,37 @@ class BandIndex:
             at = np.minimum(np.searchsorted(sorted_keys, queried[:, band]), len(sorted_keys) - 1)
             found |= sorted_keys[at] == queried[:, band]
         return found
+
+
+def text_hashes(texts: Iterable[str]) -> np.ndarray:
+    """uint64 BLAKE2b digests (8 bytes, of the UTF-8 text), in the texts' order."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts), dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class TextHashes:
+    """A set of texts as the sorted unique :func:`text_hashes` of its members."""
+
+    hashes: np.ndarray  # [members] uint64, sorted
+
+    @classmethod
+    def build(cls, texts: Iterable[str]) -> TextHashes:
+        """The set of ``texts``."""
+        return cls(np.unique(text_hashes(texts)))
+
+    def save(self, path: Path) -> None:
+        """Write the hashes as ``path`` (``.npy``)."""
+        np.save(path, self.hashes)
+
+    @classmethod
+    def load(cls, path: Path) -> TextHashes:
+        """The set :meth:`save` wrote, memory-mapped."""
+        return cls(np.load(path, mmap_mode="r"))
+
+    def contains(self, texts: list[str]) -> np.ndarray:
+        """Per text: is it a member?"""
+        if not len(self.hashes) or not texts:
+            return np.zeros(len(texts), dtype=bool)
+        queried = text_hashes(texts)
+        at = np.minimum(np.searchsorted(self.hashes, queried), len(self.hashes) - 1)
+        return self.hashes[at] == queried

@@ -8,9 +8,10 @@ The path the paper's hub sets need (S2ORC alone has 41.8M rows), for ``hub_pairs
 2. filter (datatrove, one task per shard): length filter -> decontamination (held-out words in any
    spelling, evaluation texts repeated as query, positive or negative) -> a seeded Bernoulli pool
    of about twice the cap of the rows left (with a cap, the cleaning runs as its own pass first,
-   so the pool's rate is known) -> near-duplicates of evaluation texts (the in-memory path's LSH test,
-   ``eval_near_dup_threshold``, as a :class:`~kalm_lib.eval_index.BandIndex` built once before the
-   tasks and memory-mapped by each; it grows with the evaluation texts, not with the set).
+   so the pool's rate is known) -> near-duplicates of evaluation texts (the in-memory path's LSH
+   test, ``eval_near_dup_threshold``). The evaluation sets are :mod:`kalm_lib.eval_index` arrays
+   built once before the tasks and memory-mapped by each: they grow with the evaluation texts,
+   not with the set, and no task holds the texts.
 3. de-duplicate: :func:`~kalm_lib.dedup.minhash_dedup` (exact duplicates included: equal texts
    share every band).
 4. cap: a second seeded Bernoulli draw of about ``cap`` rows when more are left.
@@ -43,7 +44,7 @@ from .config import DataConfig
 from .curation import CurationResult, file_sha256, flag_below_one_batch, sample_seed
 from .data_cards import DataCard, DataCardError, write_card
 from .dedup import EXAMPLE_SCHEMA, count_rows, minhash_dedup, parquet_files, row_reader, row_writer, run_steps
-from .eval_index import BandIndex
+from .eval_index import BandIndex, TextHashes
 from .layout import RunLayout
 from .shards import write_arrow_copy
 from .sources import DataFiles, hub_batches
@@ -128,19 +129,37 @@ class LengthFilter(BaseFilter):
 
 class DecontaminationFilter(BaseFilter):
     """Drop rows touching a held-out word (by :func:`~kalm_lib.builders.word_key`) or repeating an
-    evaluation text as query, positive or negative (:func:`kalm_lib.curation.decontaminate`)."""
+    evaluation text as query, positive or negative (:func:`kalm_lib.curation.decontaminate`), a
+    batch of rows at a time. Both sets are :class:`~kalm_lib.eval_index.TextHashes` saved at
+    ``texts_path`` and ``word_keys_path`` before the tasks and memory-mapped by each (a task
+    never holds the evaluation texts themselves)."""
 
     name = "decontamination"
 
-    def __init__(self, eval_words: frozenset[str], eval_texts: frozenset[str]) -> None:
-        super().__init__()
-        self.word_keys = frozenset(word_key(word) for word in eval_words)
-        self.eval_texts = eval_texts
+    def __init__(self, texts_path: Path, word_keys_path: Path, batch_size: int = 2048) -> None:
+        super().__init__(batch_size=batch_size)
+        self.texts_path, self.word_keys_path = texts_path, word_keys_path
+        self.sets: tuple[TextHashes, TextHashes] | None = None
 
     def filter(self, doc: Document) -> bool:
-        row = doc.metadata
-        texts = [row["query"], row["positive"], *row["negatives"]]
-        return not any(text in self.eval_texts for text in texts) and not any(word_key(w) in self.word_keys for w in row["words"])
+        return self.filter_batch([doc])[0]
+
+    def filter_batch(self, batch: list[Document]) -> list[bool]:
+        if self.sets is None:
+            self.sets = TextHashes.load(self.texts_path), TextHashes.load(self.word_keys_path)
+        eval_texts, word_keys = self.sets
+        rows = [doc.metadata for doc in batch]
+        texts = [[row["query"], row["positive"], *row["negatives"]] for row in rows]
+        keys = [[word_key(word) for word in row["words"]] for row in rows]
+        touched = _any_per_row(eval_texts, texts) | _any_per_row(word_keys, keys)
+        return (~touched).tolist()
+
+
+def _any_per_row(members: TextHashes, texts: list[list[str]]) -> np.ndarray:
+    """Per row of ``texts``: is any of its texts a member?"""
+    owner = np.repeat(np.arange(len(texts)), [len(row) for row in texts])
+    found = members.contains([text for row in texts for text in row])
+    return np.bincount(owner[found], minlength=len(texts)) > 0
 
 
 class SampleFilter(BaseFilter):
@@ -205,9 +224,11 @@ def curate_stream(
     shutil.rmtree(out, ignore_errors=True)
     counts: dict[str, int | str] = {"set": card.name, "stage": card.stage}
     counts["built"] = write_source_shards(source, work / "source", settings.shard_rows, data_files)
-    index_path = work / "eval_index.npy"
+    index_path, texts_path, word_keys_path = work / "eval_index.npy", work / "eval_texts.npy", work / "eval_word_keys.npy"
     BandIndex.build(eval_texts, settings.eval_near_dup_threshold).save(index_path)
-    cleaning: list[BaseFilter] = [LengthFilter(settings.min_chars, settings.max_chars), DecontaminationFilter(eval_words, eval_texts)]
+    TextHashes.build(eval_texts).save(texts_path)
+    TextHashes.build(word_key(word) for word in eval_words).save(word_keys_path)
+    cleaning: list[BaseFilter] = [LengthFilter(settings.min_chars, settings.max_chars), DecontaminationFilter(texts_path, word_keys_path)]
     near = EvalNearDuplicateFilter(index_path)
     if settings.cap:  # the pool's rate needs the rows the cleaning left: two passes
         passed = _filter(work / "source", work / "clean", cleaning, settings.workers, work / "logs_clean")

@@ -7,7 +7,7 @@ import pytest
 from datasketch import MinHashLSH
 
 from kalm_lib.dedup import NUM_PERM, signatures
-from kalm_lib.eval_index import EVAL_INDEX_WEIGHTS, BandIndex, band_keys, band_shape, text_keys
+from kalm_lib.eval_index import EVAL_INDEX_WEIGHTS, BandIndex, TextHashes, band_keys, band_shape, text_keys
 
 
 def texts_and_near_copies(seed: int) -> tuple[list[str], list[str]]:
@@ -59,3 +59,13 @@ def test_text_keys_are_the_same_whatever_the_block():
     whole = text_keys(evaluation, 9, 4, block=len(evaluation))
     assert whole.shape == (len(evaluation), 9)
     assert np.array_equal(text_keys(evaluation, 9, 4, block=7), whole)
+
+
+def test_text_hashes_answer_membership_after_a_save(tmp_path):
+    members = TextHashes.build(["alpha", "beta", "beta", "gamma"])
+    assert len(members.hashes) == 3 and np.all(np.diff(members.hashes.astype(np.float64)) > 0)
+    members.save(tmp_path / "set.npy")
+    loaded = TextHashes.load(tmp_path / "set.npy")
+    assert isinstance(loaded.hashes, np.memmap)
+    assert loaded.contains(["beta", "delta", "alpha", "Alpha", "gamma "]).tolist() == [True, False, True, False, False]
+    assert TextHashes.build([]).contains(["alpha"]).tolist() == [False] and loaded.contains([]).size == 0

@@ -184,6 +184,53 @@ def test_streamed_curation_builds_no_lsh_index_in_its_tasks(tmp_path, monkeypatc
     assert counts["eval_near_duplicates"] >= 1
 
 
+def test_streamed_tasks_carry_no_evaluation_text(tmp_path, monkeypatch):
+    """What each datatrove task gets (its pickled pipeline: forkserver workers, Slurm and Ray jobs)
+    holds no evaluation text or held-out word, only paths to the memory-mapped indexes; a pipeline
+    carrying them costs every worker a copy of millions of MTEB texts."""
+    import pickle
+
+    from kalm_lib import scale
+
+    pickled = []
+    real_run_steps = scale.run_steps
+
+    def capture(pipeline, tasks, workers, logs):
+        pickled.append(pickle.dumps(list(pipeline)))
+        return real_run_steps(pipeline, tasks, workers, logs)
+
+    monkeypatch.setattr(scale, "run_steps", capture)
+    rng = np.random.default_rng(5)
+    eval_texts = [f"evaluation text number {i} " + " ".join(rng.choice(WORDS, 6)) for i in range(50)]
+    frame = hub_rows(rng, 60, eval_texts)
+    frame.to_parquet(tmp_path / "part.parquet")
+    settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=20, seed=0)
+    counts = curate_stream(PAPER["pt_hub_s2orc_title_abstract"], PAPER["hub_s2orc_title_abstract"], settings,
+                           frozenset({"Zygomorphic"}), frozenset(eval_texts), tmp_path / "out", tmp_path / "work",
+                           data_files=tmp_path / "part.parquet")
+    assert counts["after_length"] - counts["after_decontamination"] == 1  # the copy of eval_texts[0]
+    assert len(pickled) == 3  # cleaning; pool and evaluation near-duplicates; cap
+    for blob in pickled:
+        assert b"zygomorphic" not in blob.lower()
+        assert not [t for t in eval_texts if t.encode() in blob]
+
+
+def test_decontamination_filter_drops_held_out_words_in_any_spelling_and_eval_texts(tmp_path):
+    from datatrove.data import Document
+
+    from kalm_lib.eval_index import TextHashes
+    from kalm_lib.scale import DecontaminationFilter
+
+    TextHashes.build(["an evaluation text"]).save(tmp_path / "texts.npy")
+    TextHashes.build(["icecream", "oclock"]).save(tmp_path / "words.npy")
+    rows = [("a query", "a positive", [], ["Ice-cream"]), ("a query", "a positive", ["an evaluation text"], []),
+            ("an evaluation text", "x", [], []), ("q", "p", ["n"], ["O'Clock", "other"]), ("q", "p", ["n"], ["clock"])]
+    docs = [Document(text=f"{q} || {p}", id=str(i), metadata={"query": q, "positive": p, "negatives": n, "words": w})
+            for i, (q, p, n, w) in enumerate(rows)]
+    kept = DecontaminationFilter(tmp_path / "texts.npy", tmp_path / "words.npy").filter_batch(docs)
+    assert kept == [False, False, False, False, True]
+
+
 def test_streamed_curation_draws_a_pool_and_a_cap(tmp_path):
     rng = np.random.default_rng(2)
     frame = hub_rows(rng, 2000, ["unused eval text", "another one"])
