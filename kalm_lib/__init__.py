@@ -20,7 +20,7 @@ Data
     sources         loaders named by source cards (packaged GCIDE and WordNet; hub datasets, also streamed)
     builders        source tables -> training examples and held-out evaluation payloads
     dedup           MinHash near-duplicate removal on datatrove over Parquet shards (local executor)
-    eval_index      the evaluation near-duplicate index as sorted band keys, built once, memory-mapped
+    eval_index      the curation's evaluation indexes (exact texts, LSH bands) as sorted 64-bit keys, memory-mapped
     curation        normalise, filter, de-duplicate, decontaminate, cap; write shards and cards
     shards          a training set as Parquet shards, read a batch at a time from their memory-mapped Arrow copy
     scale           streamed curation of hub sets to Parquet shards (datatrove filters and dedup)

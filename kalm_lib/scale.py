@@ -233,13 +233,15 @@ def curate_stream(
     if settings.cap:  # the pool's rate needs the rows the cleaning left: two passes
         passed = _filter(work / "source", work / "clean", cleaning, settings.workers, work / "logs_clean")
         rate = min(1.0, 2 * settings.cap / max(passed["decontamination"], 1))
-        passed |= _filter(work / "clean", work / "filtered", [SampleFilter(rate, settings.seed), near], settings.workers,
-                          work / "logs_filter")
+        passed.update(_filter(work / "clean", work / "filtered", [SampleFilter(rate, settings.seed), near], settings.workers,
+                              work / "logs_filter"))
     else:
         passed = _filter(work / "source", work / "filtered", [*cleaning, near], settings.workers, work / "logs_filter")
     counts["after_length"], counts["after_decontamination"] = passed["length"], passed["decontamination"]
     pool = passed.get("sample", passed["decontamination"])
     counts["eval_near_duplicates"] = pool - passed["eval near-duplicates"]
+    if not passed["eval near-duplicates"]:
+        raise DataCardError(f"{card.path}: derived set {card.name!r} is empty after curation (no row passed the filters)")
     deduped = work / "deduped" if settings.cap else out
     minhash_dedup(work / "filtered", deduped, work / "dedup", settings.near_dup_threshold, EXAMPLE_SCHEMA, settings.workers)
     counts["after_near_dedup_of_pool"] = count_rows(deduped)
@@ -253,7 +255,10 @@ def curate_stream(
 
 def _filter(source: Path, target: Path, filters: list[BaseFilter], workers: int, logs: Path) -> dict[str, int]:
     """Run ``filters`` over the shards under ``source`` into shards under ``target`` (one datatrove
-    task per shard); the rows each filter passed on, by its name."""
+    task per shard); the rows each filter passed on, by its name (none without shards: datatrove's
+    writer leaves no file for a task that kept nothing, and an executor of zero tasks runs nothing)."""
+    if not parquet_files(source):
+        return dict.fromkeys((f.name for f in filters), 0)
     stats = run_steps([row_reader(source), *filters, row_writer(target, EXAMPLE_SCHEMA)], len(parquet_files(source)), workers, logs)
     return dict(zip([f.name for f in filters], forwarded(stats, len(filters))))
 

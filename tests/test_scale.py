@@ -15,7 +15,7 @@ import pytest
 from datasketch import MinHash
 
 from kalm_lib.batching import make_batch, negatives_per_query
-from kalm_lib.builders import hub_pairs
+from kalm_lib.builders import hub_pairs, word_key
 from kalm_lib.config import load_profile
 from kalm_lib.curation import curate, load_train_sets, near_dedup, normalise, write_curated
 from kalm_lib.data_cards import DataCardError, load_cards
@@ -222,13 +222,14 @@ def test_decontamination_filter_drops_held_out_words_in_any_spelling_and_eval_te
     from kalm_lib.scale import DecontaminationFilter
 
     TextHashes.build(["an evaluation text"]).save(tmp_path / "texts.npy")
-    TextHashes.build(["icecream", "oclock"]).save(tmp_path / "words.npy")
+    TextHashes.build(word_key(w) for w in ["ice cream", "o'clock"]).save(tmp_path / "words.npy")
     rows = [("a query", "a positive", [], ["Ice-cream"]), ("a query", "a positive", ["an evaluation text"], []),
             ("an evaluation text", "x", [], []), ("q", "p", ["n"], ["O'Clock", "other"]), ("q", "p", ["n"], ["clock"])]
     docs = [Document(text=f"{q} || {p}", id=str(i), metadata={"query": q, "positive": p, "negatives": n, "words": w})
             for i, (q, p, n, w) in enumerate(rows)]
-    kept = DecontaminationFilter(tmp_path / "texts.npy", tmp_path / "words.npy").filter_batch(docs)
-    assert kept == [False, False, False, False, True]
+    decontamination = DecontaminationFilter(tmp_path / "texts.npy", tmp_path / "words.npy")
+    assert decontamination.filter_batch(docs) == [False, False, False, False, True]
+    assert [decontamination.filter(doc) for doc in docs] == [False, False, False, False, True]
 
 
 def test_streamed_curation_draws_a_pool_and_a_cap(tmp_path):
@@ -258,6 +259,18 @@ def test_streamed_pool_is_about_twice_the_cap_of_the_rows_that_pass_the_filters(
     assert 490 <= counts["after_length"] <= 505 and counts["after_decontamination"] == counts["after_length"]
     assert counts["after_near_dedup_of_pool"] >= 490  # 2 x cap > the rows left: all of them pooled
     assert 240 < counts["kept"] < 360  # about the cap (binomial)
+
+
+@pytest.mark.parametrize("cap", [0, 20])
+def test_a_set_the_filters_empty_fails_with_a_clear_error(tmp_path, cap):
+    rng = np.random.default_rng(6)
+    frame = hub_rows(rng, 50, ["unused eval text", "another one"])
+    frame["abstract"] = [" ".join(rng.choice(WORDS, 150)) for _ in range(len(frame))]  # every row too long
+    frame.to_parquet(tmp_path / "part.parquet")
+    settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=cap, seed=0)
+    with pytest.raises(DataCardError, match="empty after curation"):
+        curate_stream(PAPER["pt_hub_s2orc_title_abstract"], PAPER["hub_s2orc_title_abstract"], settings, frozenset(),
+                      frozenset(), tmp_path / "out", tmp_path / "work", data_files=tmp_path / "part.parquet")
 
 
 def test_streamed_curation_takes_hub_pairs_cards_only(tmp_path):
