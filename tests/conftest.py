@@ -1,4 +1,6 @@
-"""Test-wide settings: everything runs offline on the CPU."""
+"""Test-wide settings: everything runs offline on the CPU; the suite runs on every core with
+pytest-xdist (``-n auto --dist loadgroup`` in pyproject.toml), and :func:`pytest_collection_modifyitems`
+keeps tests that share a costly fixture on one worker."""
 
 import os
 
@@ -8,6 +10,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import pytest  # noqa: E402
+
+SHARED_FIXTURES = ("tiny_grid", "curated_tiny")  # session fixtures worth computing once: minutes each
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put each test file in one xdist group (its module fixtures are built once) named after the
+    first of :data:`SHARED_FIXTURES` any of its tests uses, else after the file, so every test of
+    a shared session fixture runs on the same worker; order the groups of shared fixtures first
+    (the longest, they start at once and the rest balance around them)."""
+    used: dict[str, set[str]] = {}  # test file -> shared fixtures its tests use
+    for item in items:
+        used.setdefault(item.nodeid.split("::")[0], set()).update(set(SHARED_FIXTURES) & set(item.fixturenames))
+
+    def group(item: pytest.Item) -> str:
+        file = item.nodeid.split("::")[0]
+        return next((name for name in SHARED_FIXTURES if name in used[file]), file)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: index for index, name in enumerate(SHARED_FIXTURES)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept within a rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Stop if xdist did not put each test's group into its node id (it silently does not on
+    pytest 9.2, pytest-xdist#1386): the shared fixtures would be built on every worker."""
+    lost = [nodeid for nodeid in ids if "@" not in nodeid.rsplit("::", 1)[-1]]
+    if node.config.getvalue("dist") == "loadgroup" and lost:
+        reason = f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]})"
+        pytest.exit(f"{reason}: pin pytest 9.1 (pytest-xdist#1386) or run with -n 0", 4)
 
 
 @pytest.fixture(scope="session")
