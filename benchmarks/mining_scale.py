@@ -13,8 +13,9 @@ and ``embeddings_mib`` (queries + pool, float32). The ranking must not need memo
 rows x pool: at equal ``rows``, ``extra_mib`` may not grow with the pool (headline: the largest
 growth from the smallest to the largest pool, goal <= ``GROWTH_GOAL_MIB``).
 
-The full grid is 1e4 and 1e5 queries x pools of 1e5 and 1e6 (1e5 x 1e6 is 1e11 scores: hours on
-2 CPU cores); ``--sizes`` picks points, ``--quick`` runs tiny ones with small blocks.
+The full grid is 1e4 and 1e5 queries x pools of 1e5 and 1e6 (1e5 x 1e6 is 1e11 scores: about 21
+minutes on one core here); ``--sizes`` picks points, ``--quick`` runs small ones with small blocks,
+one whose full score matrix (600 x 65,536 float32: 150 MiB) would exceed the growth goal.
 
     python -m benchmarks.mining_scale [--quick] [--out DIR] [--threads N] [--sizes 10000x100000 ...]
 """
@@ -39,7 +40,7 @@ from .memory import MIB, RssMeter, settle
 NAME = "mining_scale"
 DIM = 384
 FULL_SIZES = ("10000x100000", "10000x1000000", "100000x100000", "100000x1000000")
-QUICK_SIZES = ("200x2048", "200x16384", "600x16384")
+QUICK_SIZES = ("200x4096", "600x4096", "600x65536")
 QUICK_BLOCKS = (128, 1024)  # block_queries, block_pool with --quick: pools span several blocks
 GROWTH_GOAL_MIB = 64.0  # RSS readings move by tens of MiB between processes
 WINDOW = MiningConfig(count=7, rank_min=50, rank_max=100)  # the paper's ranks 50-100

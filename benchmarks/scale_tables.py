@@ -45,6 +45,9 @@ def curation_table(payload: dict[str, Any]) -> str:
                  f"{p['baseline_rss_mib']:,.0f}", f"{p['seconds'] * per_million:,.0f}", f"{p['cpu_seconds'] * per_million:,.0f}",
                  f"{p['counts']['kept']:,}"]
         lines.append(f"| {' | '.join(cells)} |")
+    missing = sorted(set(payload["settings"]["sizes"]) - {p["rows"] for p in payload["summary"]["points"]})
+    if missing:
+        lines += ["", f"Not measured (asked for): {', '.join(f'{rows:,}' for rows in missing)} rows; the goals are judged with every size."]
     return "\n".join([*lines, "", *_goals(payload["summary"]["rows"]), "", _provenance(payload)]) + "\n"
 
 

@@ -120,7 +120,7 @@ def test_profiled_peaks_follow_allocations_and_frees():
 
 
 def test_mining_scale(tmp_path):
-    """Not part of run_all (the full grid takes hours on 2 cores): its own --quick run."""
+    """Not part of run_all (the full grid takes about 40 minutes on one core): its own --quick run."""
     from benchmarks.mining_scale import QUICK_SIZES, main
 
     payload = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
@@ -133,7 +133,8 @@ def test_mining_scale(tmp_path):
         assert point["stage"] == "mining" and _positive(point["seconds"])
         assert point["peak_rss_mib"] >= point["baseline_mib"] > point["embeddings_mib"] > 0
     growth, rate = payload["summary"]["rows"]
-    assert growth["goal"] == "<= 64" and growth["met"] is True  # 8x the pool, blocks of 1024: no growth
+    # 16x the pool at 600 rows, blocks of 1024: no growth (the full 600 x 65,536 score matrix alone is 150 MiB)
+    assert growth["goal"] == "<= 64" and growth["met"] is True
     assert _positive(rate["value"])
 
 
@@ -207,10 +208,25 @@ def test_data_scale_quick(tmp_path):
         assert counts["built"] == point["rows"] > counts["after_near_dedup_of_pool"] == counts["kept"] > 0.9 * point["rows"]
         assert counts["eval_near_duplicates"] > 0 and counts["after_decontamination"] <= counts["built"]
     assert sum(p["counts"]["built"] - p["counts"]["after_decontamination"] for p in points) > 0  # exact copies of eval texts
-    assert summary["rss_ratio"] == points[-1]["peak_rss_mib"] / points[0]["peak_rss_mib"]
-    assert summary["rss_ratio_goal_met"] is (summary["rss_ratio"] <= 1.5)
-    assert summary["seconds_linear_goal_met"] is (summary["seconds_per_row_ratio"] <= 1.5)
+    assert summary["rss_ratio"] == points[-1]["peak_rss_mib"] / points[0]["peak_rss_mib"] and summary["complete"] is True
     assert [r["goal"] for r in summary["rows"]] == ["<= 1.5", "<= 1.5"]
+
+
+def test_data_scale_judges_its_goals_only_with_every_size_measured():
+    """A run cut short (1e7 asked for, not measured) keeps its ratios but claims no goal."""
+    from benchmarks.data_scale import summarise
+
+    def point(rows: int, peak: float) -> dict:
+        return {"rows": rows, "seconds": rows / 1e3, "cpu_seconds": rows / 1e3, "peak_rss_mib": peak, "baseline_rss_mib": 300.0}
+
+    sizes = [100_000, 1_000_000, 10_000_000]
+    partial = summarise([point(100_000, 500.0), point(1_000_000, 550.0)], sizes)
+    assert partial["rss_ratio"] == 1.1 and partial["complete"] is False
+    assert partial["rss_ratio_goal_met"] is None and partial["seconds_linear_goal_met"] is None
+    assert [row["met"] for row in partial["rows"]] == [None, None]
+    whole = summarise([point(100_000, 500.0), point(1_000_000, 550.0), point(10_000_000, 1_000.0)], sizes)
+    assert whole["rss_ratio"] == 2.0 and whole["rss_ratio_goal_met"] is False and whole["seconds_linear_goal_met"] is True
+    assert [row["met"] for row in whole["rows"]] == [False, True]
 
 
 def test_shard_reads(tmp_path):

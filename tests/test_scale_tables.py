@@ -20,7 +20,7 @@ def curation_point(rows: int, seconds: float, cpu: float, peak: float) -> dict:
 
 def test_tables_compute_cost_per_million_rows_and_rates(tmp_path):
     points = [curation_point(200_000, 150.0, 100.0, 500.0), curation_point(4_000_000, 2_400.0, 2_000.0, 600.0)]
-    data = {"machine": MACHINE, "settings": {"threads": 1},
+    data = {"machine": MACHINE, "settings": {"threads": 1, "sizes": [200_000, 4_000_000]},
             "summary": {"points": points, "rows": [{"metric": "peak RSS ratio", "value": 1.2, "goal": "<= 1.5", "met": True}]}}
     mining = {"machine": {**MACHINE, "git": {"commit": "0123456", "dirty": True}}, "settings": {"threads": 2},
               "raw": {"points": [{"rows": 1_000, "pool": 50_000, "seconds": 2.0, "peak_rss_mib": 900.0, "embeddings_mib": 74.7,
@@ -43,3 +43,12 @@ def test_tables_compute_cost_per_million_rows_and_rates(tmp_path):
 def test_tables_say_which_json_is_missing(tmp_path):
     text = tables(tmp_path)
     assert "run `python -m benchmarks.data_scale`" in text and "run `python -m benchmarks.mining_scale`" in text
+
+
+def test_curation_table_names_sizes_asked_for_but_not_measured(tmp_path):
+    points = [curation_point(100_000, 70.0, 70.0, 580.0), curation_point(1_000_000, 700.0, 700.0, 600.0)]
+    data = {"machine": MACHINE, "settings": {"threads": 1, "sizes": [100_000, 1_000_000, 10_000_000]},
+            "summary": {"points": points, "rows": [{"metric": "peak RSS ratio", "value": 1.03, "goal": "<= 1.5", "met": None}]}}
+    (tmp_path / "data_scale.json").write_text(json.dumps(data))
+    text = tables(tmp_path)
+    assert "Not measured (asked for): 10,000,000 rows" in text and "(goal <= 1.5, met: –)" in text
