@@ -3,8 +3,9 @@ at 1e5, 1e6 and 1e7 rows of a synthetic hub set (about 2.5 hours on one core her
 
 The set has the hub schema of the paper's S2ORC card (``title``, ``abstract``), written as Parquet
 files of ``--shard-rows`` rows: random titles (6-12 words) and abstracts (20-40 words) over a
-4,000-word vocabulary, with 2% exact copies of earlier rows, 3% near copies (one word added to the
-abstract), 0.1% copying an evaluation text and 0.1% near-copying one. Each point runs
+4,000-word vocabulary, with 2% exact copies of earlier rows of the same file, 3% near copies (one
+word added to the abstract), 0.1% copying an evaluation text and 0.1% near-copying one (copies
+stay within a file, so no duplicate cluster spans two files). Each point runs
 :mod:`benchmarks.data_scale_point` in a fresh interpreter (its own peak RSS); the data are written
 before, by this process. Goals: peak RSS at the largest size at most 1.5x the smallest's, and
 seconds within 1.5x of linear in rows (largest over smallest, per row); both are judged only once

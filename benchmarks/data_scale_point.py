@@ -11,16 +11,19 @@ it), plus the largest child's ``ru_maxrss`` (the executor's manager process) rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
 from pathlib import Path
 
+from kalm_lib.config import load_profile
 from kalm_lib.data_cards import load_cards
 from kalm_lib.layout import DATA_CARDS_DIR
 from kalm_lib.scale import StreamSettings, curate_stream
 
 SOURCE, DERIVED = "hub_s2orc_title_abstract", "pt_hub_s2orc_title_abstract"  # a paper hub card and its set
+PROFILE = "gpu-qwen2-0.5b"  # the paper profile: its length filter and near-duplicate thresholds
 
 
 def status_mib(field: str) -> float:
@@ -39,7 +42,9 @@ def cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Curate ``--data``'s Parquet files (the source card's hub schema) and print the measurement."""
+    """Curate ``--data``'s Parquet files (the source card's hub schema) with the paper profile's filter
+    settings, no cap, one worker (every task in this process: its ``VmHWM`` is the peak), and print
+    the measurement."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="folder of Parquet files with the source card's hub columns")
     p.add_argument("--eval-texts", type=Path, required=True, help="JSON list of evaluation texts to decontaminate against")
@@ -48,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cards = load_cards(DATA_CARDS_DIR / "paper")
     eval_texts = frozenset(json.loads(args.eval_texts.read_text()))
-    settings = StreamSettings(min_chars=2, max_chars=400, eval_near_dup_threshold=0.8, near_dup_threshold=0.85, cap=0, seed=0,
-                              shard_rows=args.shard_rows)
+    data = load_profile(PROFILE).data
+    settings = dataclasses.replace(StreamSettings.from_config(data, cap=0, seed=0), shard_rows=args.shard_rows, workers=1)
     baseline = status_mib("VmRSS")
     began, cpu = time.perf_counter(), cpu_seconds()
     counts = curate_stream(cards[DERIVED], cards[SOURCE], settings, frozenset(), eval_texts, args.work / "out", args.work / "tmp",
