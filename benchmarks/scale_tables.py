@@ -26,7 +26,7 @@ def _provenance(payload: dict[str, Any]) -> str:
     machine, settings = payload["machine"], payload["settings"]
     git = machine["git"]
     return (f"Commit `{git['commit'][:7]}`{' with uncommitted changes' if git['dirty'] else ' (clean)'}, {machine['processor']}, "
-            f"{machine['usable_cores']} usable cores, {settings['threads']} thread(s), {machine['cuda_device'] or 'no GPU'}, "
+            f"{machine['usable_cores']} usable core(s), {settings['threads']} thread(s), {machine['cuda_device'] or 'no GPU'}, "
             f"{machine['utc_time']} UTC.")
 
 
