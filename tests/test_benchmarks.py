@@ -120,7 +120,7 @@ def test_profiled_peaks_follow_allocations_and_frees():
 
 
 def test_mining_scale(tmp_path):
-    """Not part of run_all (the full grid takes about 40 minutes on one core): its own --quick run."""
+    """Not part of run_all (the full grid takes about 30 minutes on one core): its own --quick run."""
     from benchmarks.mining_scale import QUICK_SIZES, main
 
     payload = main(["--quick", "--out", str(tmp_path), "--threads", "1"])
